@@ -1,0 +1,334 @@
+"""Configuration: one typed schema, YAML files on top of it, `-o key.sub=value` overrides on top of those.
+
+The schema below is the single source of truth. Every tool loads its config through `load_config`, so an
+unknown key or a value of the wrong type stops every tool the same way, with the key and the valid choices
+in the message. `docs/configuration.md` is generated from this schema (`python -m ppiad.config --markdown`)
+and a test keeps it current.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    type: type  # one of: str, int, float, bool, list, dict
+    help: str
+    choices: tuple | None = None
+    item_type: type | None = None  # element type of a list
+
+
+DATASET_CHOICES = ("mvtec", "visa", "folder")
+SPLIT_CHOICES = ("all", "train", "test")
+
+
+def _partition(dataset: str, help_prefix: str) -> dict:
+    return {
+        "dataset": Field(dataset, str, f"{help_prefix}: dataset layout", DATASET_CHOICES),
+        "root": Field("", str, f"{help_prefix}: dataset root directory (required by the tools that use it)"),
+        "split": Field("all", str, f"{help_prefix}: partition of the dataset", SPLIT_CHOICES),
+        "categories": Field([], list, f"{help_prefix}: categories to keep (empty = all)", item_type=str),
+    }
+
+
+SCHEMA: dict = {
+    "run_name": Field("run", str, "name of the run; outputs go to <output_dir>/<run_name>"),
+    "output_dir": Field("output", str, "parent directory of all run outputs"),
+    "seed": Field(42, int, "global random seed"),
+    "data": {
+        "train": _partition("mvtec", "training data"),
+        "eval": _partition("visa", "evaluation data"),
+        "object_names": Field({}, dict, "category -> object name used in the prompt "
+                              "(default: the category name with underscores as spaces)"),
+        "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)"),
+    },
+    "model": {
+        "path": Field("", str, "local Hugging Face-format Qwen2-VL checkpoint directory (required)"),
+        "dtype": Field("float32", str, "weight / compute dtype; bfloat16 needs a GPU", ("float32", "bfloat16")),
+        "allow_pickle": Field(False, bool, "allow loading pickle-based .pdparams weights (unpickling runs code)"),
+        "min_pixels": Field(3136, int, "minimum image size in pixels after smart resize"),
+        "max_pixels": Field(401408, int, "maximum image size in pixels after smart resize (401,408 = paper)"),
+        "max_prompt_length": Field(1024, int, "maximum prompt length in tokens (image tokens included)"),
+        "adapter": Field("", str, "LoRA adapter checkpoint (directory or .safetensors) to load; empty = none"),
+    },
+    "lora": {
+        "enabled": Field(True, bool, "train LoRA adapters (the base model stays frozen)"),
+        "r": Field(4, int, "LoRA rank"),
+        "alpha": Field(16, int, "LoRA alpha (scaling = alpha / r)"),
+        "dropout": Field(0.1, float, "LoRA dropout"),
+        "target_modules": Field(["q_proj", "v_proj"], list, "decoder projections that get adapters",
+                                item_type=str),
+    },
+    "rewards": {
+        "format_weight": Field(1.0, float, "weight of the format reward (0 = off)"),
+        "accuracy_weight": Field(0.0, float, "weight of the plain 0/1 accuracy reward (0 = off)"),
+        "focal_weight": Field(1.0, float, "weight of the focal reward (0 = off)"),
+        "focal": {
+            "alpha": Field(1.0, float, "focal reward scale alpha"),
+            "gamma": Field(2.0, float, "focal exponent gamma: larger focuses harder on hard samples"),
+            "p_source": Field("group", str, "where p (probability of the correct answer) comes from",
+                              ("group", "token")),
+            "class_factors": Field("auto", str, "per-class factor f: auto = inverse training frequency "
+                                   "normalised to mean 1; uniform = 1; manual = factor_defect/factor_normal",
+                                   ("auto", "uniform", "manual")),
+            "factor_defect": Field(1.0, float, "f for the defect class when class_factors = manual"),
+            "factor_normal": Field(1.0, float, "f for the normal class when class_factors = manual"),
+            "mode": Field("reward", str, "reward = added to the reward before group normalisation; "
+                          "advantage_weight = scales each sample's advantage after normalisation",
+                          ("reward", "advantage_weight")),
+        },
+    },
+    "grpo": {
+        "num_generations": Field(4, int, "completions sampled per prompt (G)"),
+        "beta": Field(0.04, float, "KL coefficient to the adapter-free reference policy"),
+        "epsilon": Field(0.2, float, "clipping range of the probability ratio"),
+        "num_iterations": Field(1, int, "policy updates per rollout batch"),
+        "advantage_norm": Field("std", str, "group normalisation of rewards", ("std", "mean_only")),
+        "std_eps": Field(1e-4, float, "epsilon added to the group std"),
+        "temperature": Field(1.0, float, "rollout sampling temperature"),
+        "top_p": Field(1.0, float, "rollout nucleus sampling threshold"),
+        "top_k": Field(0, int, "rollout top-k (0 = off)"),
+        "max_new_tokens": Field(256, int, "maximum completion length in rollouts"),
+    },
+    "train": {
+        "epochs": Field(1, int, "passes over the training partition"),
+        "max_steps": Field(-1, int, "stop after this many optimizer steps (-1 = epochs decide)"),
+        "prompts_per_device": Field(1, int, "prompts per device per micro-step"),
+        "grad_accum_steps": Field(2, int, "micro-steps per optimizer step"),
+        "learning_rate": Field(1e-5, float, "peak learning rate of AdamW"),
+        "weight_decay": Field(0.0, float, "AdamW weight decay"),
+        "warmup_ratio": Field(0.0, float, "share of steps with linear warm-up"),
+        "lr_schedule": Field("constant", str, "learning-rate schedule after warm-up",
+                             ("constant", "linear", "cosine")),
+        "max_grad_norm": Field(1.0, float, "global gradient-norm clip (0 = off)"),
+        "save_every": Field(100, int, "checkpoint every N optimizer steps"),
+        "log_every": Field(1, int, "log scalars every N optimizer steps"),
+        "resume": Field("", str, "checkpoint directory to resume from, or 'auto' for the latest of this run"),
+    },
+    "distributed": {
+        "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs",
+                          ("none", "stage1", "stage2", "stage3")),
+    },
+    "eval": {
+        "batch_size": Field(8, int, "images per generation batch"),
+        "max_new_tokens": Field(256, int, "maximum completion length"),
+        "do_sample": Field(False, bool, "sample instead of greedy decoding"),
+        "temperature": Field(1.0, float, "sampling temperature when do_sample"),
+        "calibrate": Field(False, bool, "also report figures at a P(A) threshold meeting target_fpr"),
+        "target_fpr": Field(0.05, float, "target false-alarm rate on normal images for calibration"),
+        "max_images": Field(-1, int, "evaluate at most this many images (-1 = all)"),
+    },
+}
+
+
+class Config(dict):
+    """A nested dict with attribute access: cfg.model.path == cfg["model"]["path"]."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+    def to_dict(self) -> dict:
+        return {k: (v.to_dict() if isinstance(v, Config) else copy.deepcopy(v)) for k, v in self.items()}
+
+    def get_path(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def defaults(schema: dict = SCHEMA) -> Config:
+    return Config({k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()})
+
+
+def _unknown_key(key: str, level: dict) -> ConfigError:
+    valid = sorted(level)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _coerce(key: str, field: Field, value: Any) -> Any:
+    """Check `value` against `field`, converting only where no information is lost (int -> float)."""
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+
+    t = field.type
+    if t is bool:
+        if not isinstance(value, bool):
+            raise fail("a bool (true/false)")
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an int")
+    elif t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a float")
+        value = float(value)
+    elif t is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise fail("a string")
+    elif t is list:
+        if not isinstance(value, list):
+            raise fail("a list")
+        if field.item_type is not None:
+            value = [_coerce(f"{key}[{i}]", Field(None, field.item_type, ""), v) for i, v in enumerate(value)]
+    elif t is dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"config key '{key}' has invalid value {value!r}; valid choices: "
+                          f"{', '.join(map(str, field.choices))}")
+    return value
+
+
+def _merge(cfg: Config, data: dict, schema: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise _unknown_key(dotted, schema)
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _merge(cfg[key], value if value is not None else {}, spec, dotted + ".")
+        else:
+            cfg[key] = _coerce(dotted, spec, value)
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    """Read a YAML config; `_base_: other.yaml` (or a list) is merged underneath, relative to this file."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config file '{path}' includes itself through _base_")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: '{path}'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    bases = data.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        _deep_update(merged, _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _field_at(dotted: str) -> Field:
+    node: Any = SCHEMA
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown_key(".".join(parts[: i + 1]), node if isinstance(node, dict) else {})
+        node = node[part]
+    if isinstance(node, dict):
+        raise ConfigError(f"config key '{dotted}' is a section; set one of its keys: {', '.join(sorted(node))}")
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key.sub=value` override into (dotted key, typed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    field = _field_at(key)
+    if field.type is str:
+        return key, raw  # keep paths like 0001 or 1e-3 exactly as typed
+    if field.type is list and not raw.strip().startswith("["):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        parsed: Any = [yaml.safe_load(s) if field.item_type is not str else s for s in items]
+    else:
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{text}': cannot parse value: {exc}") from exc
+    return key, _coerce(key, field, parsed)
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    for text in overrides or ():
+        key, value = parse_override(text)
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file (with its _base_ chain), then `key=value` overrides."""
+    cfg = defaults()
+    if path:
+        _merge(cfg, _read_yaml(path), SCHEMA)
+    return apply_overrides(cfg, overrides)
+
+
+def require(cfg: Config, dotted: str, what: str) -> Any:
+    """Return a required setting, or stop with a message saying which key to set."""
+    value = cfg.get_path(dotted)
+    if value in ("", None, []):
+        raise ConfigError(f"config key '{dotted}' is not set: {what}. Set it in the YAML file or with "
+                          f"-o {dotted}=...")
+    return value
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from ppiad.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def schema_markdown(schema: dict = SCHEMA, prefix: str = "") -> str:
+    """The configuration reference table (docs/configuration.md is this, between its markers)."""
+    rows = []
+    if not prefix:
+        rows += ["| key | type | default | choices | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key, spec in schema.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            rows.append(schema_markdown(spec, dotted + "."))
+            continue
+        tname = spec.type.__name__ + (f"[{spec.item_type.__name__}]" if spec.item_type else "")
+        choices = ", ".join(map(str, spec.choices)) if spec.choices else ""
+        rows.append(f"| `{dotted}` | {tname} | `{spec.default!r}` | {choices} | {spec.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(schema_markdown())
+    else:
+        print("usage: python -m ppiad.config --markdown", file=sys.stderr)
+        sys.exit(2)
