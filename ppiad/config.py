@@ -176,6 +176,11 @@ def _coerce(key: str, field: Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("an int")
     elif t is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no decimal point) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise fail("a float") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a float")
         value = float(value)
@@ -264,7 +269,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     field = _field_at(key)
     if field.type is str:
-        return key, raw  # keep paths like 0001 or 1e-3 exactly as typed
+        return key, _coerce(key, field, raw)  # keep paths like 0001 exactly as typed
     if field.type is list and not raw.strip().startswith("["):
         items = [s.strip() for s in raw.split(",") if s.strip()]
         parsed: Any = [yaml.safe_load(s) if field.item_type is not str else s for s in items]
@@ -326,9 +331,25 @@ def schema_markdown(schema: dict = SCHEMA, prefix: str = "") -> str:
     return "\n".join(rows)
 
 
+DOC_BEGIN, DOC_END = "<!-- schema:begin -->", "<!-- schema:end -->"
+
+
+def update_doc(path: str) -> None:
+    """Rewrite the generated table between the markers of docs/configuration.md."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    from ppiad.utils.io import atomic_write_text
+
+    atomic_write_text(path, f"{head}{DOC_BEGIN}\n{schema_markdown()}\n{DOC_END}{tail}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--markdown"]:
         print(schema_markdown())
+    elif sys.argv[1:2] == ["--update-doc"] and len(sys.argv) == 3:
+        update_doc(sys.argv[2])
     else:
-        print("usage: python -m ppiad.config --markdown", file=sys.stderr)
+        print("usage: python -m ppiad.config --markdown | --update-doc docs/configuration.md", file=sys.stderr)
         sys.exit(2)
