@@ -1,0 +1,237 @@
+"""LoRA adapters on the decoder's attention projections, through paddleformers' peft.
+
+`apply_lora` hands the model to `paddleformers.peft.LoRAModel`, which swaps every matching `nn.Linear` for
+a `LoRALinear` in place (sharing the frozen weight) and freezes everything except `lora_A` / `lora_B`.
+ppiad keeps using the original model object afterwards: parameter names stay those of the Hugging Face
+checkpoint (plus `.lora_A` / `.lora_B`), and `generate()` / the trainer need no wrapper. Everything after
+construction (switching adapters off, merging, saving) acts on the `LoRALinear` layers directly, because
+LoRAModel's own save/load loses `lora_B` (see docs/models.md).
+
+Adapter file layout (`save_adapter`): a directory with
+- `adapter_model.safetensors`: for each adapted layer `<name>` (e.g. `model.layers.0.self_attn.q_proj`)
+  the keys `base_model.model.<name>.lora_A.weight` [r, in] and `base_model.model.<name>.lora_B.weight`
+  [out, r], float32, in torch orientation (the layout of Hugging Face PEFT adapters);
+- `adapter_config.json`: `peft_type`, `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `bias`.
+The layer output is `W x + (alpha / r) * B A x`, as in PEFT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Iterator, Sequence
+
+import numpy as np
+import paddle
+
+from ppiad.utils.io import atomic_path, atomic_write_json
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_KEY_PREFIX = "base_model.model."
+
+
+def _lora_linear_cls():
+    from paddleformers.peft.lora.lora_layers import LoRALinear
+
+    return LoRALinear
+
+
+def target_regexes(target_modules: Sequence[str]) -> list[str]:
+    """Full-name regexes for the decoder projections named in `target_modules` (e.g. q_proj, v_proj).
+
+    Anchored on `model.layers.<i>.self_attn.` / `.mlp.` so the vision tower (`visual.blocks.*.attn.qkv`)
+    never matches.
+    """
+    names = "|".join(re.escape(t) for t in target_modules)
+    return [rf"model\.layers\.\d+\.(self_attn|mlp)\.({names})"]
+
+
+def lora_layers(model: paddle.nn.Layer) -> "OrderedDict[str, paddle.nn.Layer]":
+    """Name -> LoRALinear for every adapted layer, in model order."""
+    cls = _lora_linear_cls()
+    return OrderedDict((n, l) for n, l in model.named_sublayers() if isinstance(l, cls))
+
+
+def apply_lora(model: paddle.nn.Layer, r: int, alpha: float, dropout: float,
+               target_modules: Sequence[str] = ("q_proj", "v_proj")) -> paddle.nn.Layer:
+    """Add LoRA adapters (B = 0, so the output is unchanged) and freeze all other weights. In place;
+    returns `model` for convenience."""
+    from paddleformers.peft import LoRAConfig, LoRAModel
+
+    if lora_layers(model):
+        raise ValueError("apply_lora: the model already has LoRA adapters")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"lora.r must be a positive int, got {r!r}")
+    if not target_modules:
+        raise ValueError("lora.target_modules is empty")
+    regexes = target_regexes(target_modules)
+    if not any(re.fullmatch(rx, n) for n, _ in model.named_sublayers() for rx in regexes):
+        raise ValueError(f"lora.target_modules {list(target_modules)} match no layer named "
+                         f"model.layers.<i>.self_attn|mlp.<target> in {type(model).__name__}")
+    # LoRAModel reads model.config.tensor_model_parallel_size; our config class does not define it.
+    config = getattr(model, "config", None)
+    added_config = config is None
+    if added_config:
+        config = SimpleNamespace()
+        object.__setattr__(model, "config", config)
+    if getattr(config, "tensor_model_parallel_size", None) is None:
+        setattr(config, "tensor_model_parallel_size", 1)
+    dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("weight"))
+    lora_cfg = LoRAConfig(target_modules=regexes, r=r, lora_alpha=alpha, lora_dropout=float(dropout),
+                          tensor_model_parallel_size=1, dtype=str(dtype).replace("paddle.", ""))
+    LoRAModel(model, lora_cfg)  # replaces layers inside `model` and marks only lora_A/lora_B trainable
+    if added_config:
+        object.__delattr__(model, "config")
+    # Plain attribute (not a sublayer): what save_adapter writes into adapter_config.json.
+    object.__setattr__(model, "_ppiad_lora", {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
+                                              "target_modules": list(target_modules)})
+    return model
+
+
+def lora_parameters(model: paddle.nn.Layer) -> list:
+    """The trainable adapter parameters (lora_A, lora_B of each layer), in model order."""
+    params = []
+    for layer in lora_layers(model).values():
+        params += [layer.lora_A, layer.lora_B]
+    return params
+
+
+def lora_state_dict(model: paddle.nn.Layer) -> "OrderedDict[str, paddle.Tensor]":
+    """`<layer>.lora_A` / `<layer>.lora_B` -> tensor in Paddle orientation ([in, r], [r, out])."""
+    out = OrderedDict()
+    for name, layer in lora_layers(model).items():
+        out[f"{name}.lora_A"] = layer.lora_A
+        out[f"{name}.lora_B"] = layer.lora_B
+    return out
+
+
+@contextmanager
+def adapters_disabled(model: paddle.nn.Layer) -> Iterator[paddle.nn.Layer]:
+    """Within the block the model computes the base (reference) policy: same weights, adapters off.
+    The previous state of each layer is restored on exit, also after an exception."""
+    layers = lora_layers(model)
+    merged = [n for n, l in layers.items() if l.merged]
+    if merged:
+        raise RuntimeError(f"adapters_disabled: adapters are merged into the weights ({merged[0]}, ...); "
+                           "a merged model cannot compute the reference policy")
+    previous = {n: l.disable_lora for n, l in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.disable_lora = True
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.disable_lora = previous[name]
+
+
+def merge_adapter(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """Fold B A * scaling into each adapted weight (inference speed; no reference policy afterwards)."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def _config_of(model) -> dict:
+    layers = lora_layers(model)
+    info = dict(getattr(model, "_ppiad_lora", {}))
+    if not info:  # adapters added by other means: read what the layers know
+        first = next(iter(layers.values()))
+        info = {"r": first.r, "lora_alpha": first.lora_alpha, "lora_dropout": None,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers})}
+    return {"peft_type": "LORA", **info, "bias": "none", "fan_in_fan_out": False,
+            "format": "ppiad-lora-v1 (PEFT layout, torch orientation, float32)"}
+
+
+def save_adapter(model: paddle.nn.Layer, directory: str) -> str:
+    """Write adapter_model.safetensors + adapter_config.json into `directory` (each file atomically)."""
+    from safetensors.numpy import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
+    if any(l.merged for l in layers.values()):
+        raise RuntimeError("save_adapter: adapters are merged into the weights; save before merge_adapter")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = _to_numpy(layer.lora_A).T.copy()
+        tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = _to_numpy(layer.lora_B).T.copy()
+    os.makedirs(directory, exist_ok=True)
+    with atomic_path(os.path.join(directory, ADAPTER_WEIGHTS)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), _config_of(model))
+    return directory
+
+
+def _to_numpy(t: paddle.Tensor) -> np.ndarray:
+    return t.detach().astype("float32").numpy()
+
+
+def _resolve(path: str) -> tuple[str, str | None]:
+    if os.path.isdir(path):
+        weights = os.path.join(path, ADAPTER_WEIGHTS)
+        config = os.path.join(path, ADAPTER_CONFIG)
+    else:
+        weights = path
+        config = os.path.join(os.path.dirname(path), ADAPTER_CONFIG)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"LoRA adapter weights not found: '{weights}'")
+    return weights, config if os.path.isfile(config) else None
+
+
+def load_adapter(model: paddle.nn.Layer, path: str) -> paddle.nn.Layer:
+    """Load adapter weights from a directory or a .safetensors file into `model`.
+
+    If the model has no adapters yet they are added first, with r / alpha / targets from the adapter's
+    config (dropout 0: loading is for evaluation or resuming; pass through apply_lora to train). A key
+    mismatch raises an error listing the missing and unexpected names."""
+    from safetensors.numpy import load_file
+
+    weights, config_path = _resolve(path)
+    cfg = None
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"'{config_path}' is not valid JSON: {exc}") from exc
+    if not lora_layers(model):
+        if cfg is None:
+            raise ValueError(f"'{path}': no {ADAPTER_CONFIG} beside the weights, and the model has no "
+                             "adapters to load them into (call apply_lora first)")
+        apply_lora(model, int(cfg["r"]), cfg["lora_alpha"], 0.0, cfg.get("target_modules", ["q_proj", "v_proj"]))
+    layers = lora_layers(model)
+    first = next(iter(layers.values()))
+    if cfg is not None and (int(cfg["r"]) != first.r or float(cfg["lora_alpha"]) != float(first.lora_alpha)):
+        raise ValueError(f"'{config_path}': adapter has r={cfg['r']}, lora_alpha={cfg['lora_alpha']} but the "
+                         f"model's adapters have r={first.r}, lora_alpha={first.lora_alpha}")
+    try:
+        tensors = load_file(weights)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"'{weights}' is not a readable safetensors file: {exc}") from exc
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        expected[f"{_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"'{weights}' does not fit the model: missing keys {_short(missing)}, "
+                         f"unexpected keys {_short(unexpected)}")
+    for key, param in expected.items():
+        value = tensors[key].T
+        if list(value.shape) != list(param.shape):
+            raise ValueError(f"'{weights}': {key} has shape {list(tensors[key].shape)}, the model expects "
+                             f"{list(param.shape)[::-1]}")
+        param.set_value(paddle.to_tensor(np.ascontiguousarray(value)).astype(param.dtype))
+    return model
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
