@@ -40,6 +40,9 @@ def _partition(dataset: str, help_prefix: str) -> dict:
         "root": Field("", str, f"{help_prefix}: dataset root directory (required by the tools that use it)"),
         "split": Field("all", str, f"{help_prefix}: partition of the dataset", SPLIT_CHOICES),
         "categories": Field([], list, f"{help_prefix}: categories to keep (empty = all)", item_type=str),
+        "missing_files": Field("keep", str, f"{help_prefix}: index rows whose image is missing on disk (VisA): "
+                               "keep = listed and reported unreadable, drop = left out, error = stop",
+                               ("keep", "drop", "error")),
     }
 
 

@@ -27,9 +27,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and exit code 2; others keep their traceback."""
     from ppiad.data.images import ImageLoadError
+    from ppiad.data.registry import DatasetError
 
     try:
         yield
-    except (ConfigError, UsageError, ImageLoadError, FileNotFoundError) as exc:
+    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
