@@ -100,6 +100,9 @@ SCHEMA: dict = {
         "num_iterations": Field(1, int, "policy updates per rollout batch"),
         "advantage_norm": Field("std", str, "group normalisation of rewards", ("std", "mean_only")),
         "std_eps": Field(1e-4, float, "epsilon added to the group std"),
+        "loss_averaging": Field("token", str, "token = sum over all completion tokens of the batch / their "
+                                "number (DAPO/TRL); sequence = mean per completion, then mean (original GRPO)",
+                                ("token", "sequence")),
         "temperature": Field(1.0, float, "rollout sampling temperature"),
         "top_p": Field(1.0, float, "rollout nucleus sampling threshold"),
         "top_k": Field(0, int, "rollout top-k (0 = off)"),

@@ -1,0 +1,118 @@
+"""The GRPO objective: group-relative advantages and the clipped surrogate with a k3 KL penalty.
+
+Formulas (docs/method.md has the derivation and the choices):
+    A_i      = (r_i - mean_g(r)) / (std_g(r) + eps)          norm = "std"   (std unbiased, as TRL's torch.std)
+    A_i      =  r_i - mean_g(r)                              norm = "mean_only"
+    ratio_t  = exp(logp_t - old_logp_t)
+    surr_t   = -min(ratio_t * A_i, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A_i)
+    kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3 estimator of KL(policy || reference), >= 0)
+    loss_t   = surr_t + beta * kl_t
+averaged over completion tokens: "token" = sum over all tokens of the batch / number of tokens (default),
+"sequence" = mean over each completion's tokens, then mean over completions.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+AVERAGING = ("token", "sequence")
+
+
+def group_advantages(rewards, group_size: int, norm: str = "std", eps: float = 1e-4) -> np.ndarray:
+    """Group-normalised advantages, float32 [N], for prompt-major rewards [N] (N = B * G).
+
+    The std is the unbiased one (ddof=1), as TRL computes it with torch.std; a group of one has no spread
+    and gets advantage 0 (with G=1 there is nothing to compare against).
+    """
+    r = np.asarray(rewards.numpy() if isinstance(rewards, paddle.Tensor) else rewards, dtype=np.float64)
+    if r.ndim != 1 or group_size < 1 or r.size % group_size:
+        raise ValueError(f"rewards of shape {r.shape} do not split into groups of grpo.num_generations={group_size}")
+    g = r.reshape(-1, group_size)
+    centred = g - g.mean(axis=1, keepdims=True)
+    if norm == "mean_only":
+        adv = centred
+    elif norm == "std":
+        std = g.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(g[:, :1])
+        adv = centred / (std + eps)
+    else:
+        raise ValueError(f"grpo.advantage_norm must be 'std' or 'mean_only', got {norm!r}")
+    return adv.reshape(-1).astype(np.float32)
+
+
+def weighted_advantages(rewards, advantage_weights, group_size: int, norm: str = "std",
+                        eps: float = 1e-4) -> np.ndarray:
+    """Normalise within groups first, then scale each row by its weight (the order matters: a weight
+    applied before normalisation is cancelled by the std when it is constant within a group)."""
+    adv = group_advantages(rewards, group_size, norm, eps)
+    w = np.asarray(advantage_weights, dtype=np.float32).reshape(-1)
+    if w.shape != adv.shape:
+        raise ValueError(f"{w.size} advantage weights for {adv.size} completions")
+    return adv * w
+
+
+def _as_tensor(x, like: paddle.Tensor) -> paddle.Tensor:
+    if isinstance(x, paddle.Tensor):
+        return x.astype(like.dtype)
+    return paddle.to_tensor(np.asarray(x), dtype=like.dtype)
+
+
+def grpo_loss(logp: paddle.Tensor, old_logp, ref_logp, advantages, mask, epsilon: float = 0.2,
+              beta: float = 0.04, averaging: str = "token", normalizer: float | None = None):
+    """GRPO loss -> (scalar loss with gradient through logp, stats dict of python floats).
+
+    logp [B, T]: per-token log-probs of the sampled tokens under the current policy (with gradient).
+    old_logp [B, T] or None: the rollout policy's log-probs (None = logp detached, i.e. one update per
+        rollout: the ratio is 1 but its gradient is still the policy gradient).
+    ref_logp [B, T] or None: the reference policy's log-probs (adapters disabled); None only with beta = 0.
+    advantages [B]; mask [B, T]: 1 on completion tokens.
+    averaging: "token" or "sequence" (see the module docstring). normalizer: with "token", divide by this
+        token count instead of the mask's own sum, so gradient accumulation over micro-batches can average
+        over every completion token of the optimizer step.
+    stats: loss, kl (mean per token), clip_fraction (share of tokens where the clipped term is the active
+        one), ratio (mean per token), surrogate (mean per token).
+    """
+    if averaging not in AVERAGING:
+        raise ValueError(f"grpo.loss_averaging must be one of {AVERAGING}, got {averaging!r}")
+    if len(logp.shape) != 2:
+        raise ValueError(f"logp must be [B, T], got shape {list(logp.shape)}")
+    mask = _as_tensor(mask, logp)
+    old = logp.detach() if old_logp is None else _as_tensor(old_logp, logp).detach()
+    adv = _as_tensor(advantages, logp).reshape([-1, 1]).detach()
+    if adv.shape[0] != logp.shape[0]:
+        raise ValueError(f"{adv.shape[0]} advantages for {logp.shape[0]} completions")
+
+    ratio = paddle.exp(logp - old)
+    unclipped = ratio * adv
+    clipped = paddle.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv
+    surrogate = -paddle.minimum(unclipped, clipped)
+    per_token = surrogate
+    kl = None
+    if ref_logp is not None:  # also computed with beta = 0, so the drift from the reference is logged
+        delta = _as_tensor(ref_logp, logp).detach() - logp
+        kl = paddle.exp(delta) - delta - 1.0
+    if beta != 0.0:
+        if kl is None:
+            raise ValueError("grpo.beta != 0 needs the reference log-probs (ref_logp)")
+        per_token = per_token + beta * kl
+
+    n_tokens = mask.sum()
+    if averaging == "token":
+        denom = paddle.to_tensor(float(normalizer), dtype=logp.dtype) if normalizer else paddle.clip(n_tokens, min=1.0)
+        loss = (per_token * mask).sum() / denom
+    else:
+        lengths = mask.sum(axis=1)
+        seq_mean = (per_token * mask).sum(axis=1) / paddle.clip(lengths, min=1.0)
+        has_tokens = (lengths > 0).astype(logp.dtype)
+        loss = (seq_mean * has_tokens).sum() / paddle.clip(has_tokens.sum(), min=1.0)
+
+    with paddle.no_grad():
+        tok = float(paddle.clip(n_tokens, min=1.0))
+        is_clipped = (clipped < unclipped).astype(logp.dtype)  # min() picked the clipped term
+        stats = {
+            "loss": float(loss),
+            "kl": float((kl * mask).sum()) / tok if kl is not None else 0.0,
+            "clip_fraction": float((is_clipped * mask).sum()) / tok,
+            "ratio": float((ratio * mask).sum()) / tok,
+            "surrogate": float((surrogate * mask).sum()) / tok,
+        }
+    return loss, stats
