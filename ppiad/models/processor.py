@@ -1,0 +1,358 @@
+"""Qwen2-VL inputs: image preprocessing, chat template and tokenisation, batched with left padding.
+
+Matches transformers 4.51.3's `Qwen2VLProcessor` + `Qwen2VLImageProcessor` (the parity test checks ids and
+pixel values against it). Deliberate differences, both where the reference would fail:
+- images with a side under 28 px are upscaled by the same smart-resize formula instead of being rejected;
+- a side that the max-pixels downscale would round to 0 is kept at one 28 px unit.
+- `size` in preprocessor_config.json is honoured when `min_pixels` / `max_pixels` are absent (4.51.3 ignores
+  it and falls back to its built-in defaults).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ppiad.models.tokenizer import QwenTokenizer
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+MAX_ASPECT_RATIO = 200
+DEFAULT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image size {width}x{height}: aspect ratio must be at most {MAX_ASPECT_RATIO}, got "
+                         f"{max(height, width) / min(height, width):.1f}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _to_pil_rgb(image) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        from ppiad.data.images import load_image
+
+        return load_image(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise TypeError(f"numpy images must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, a uint8 numpy array or a path, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ImageProcessor:
+    """Qwen2-VL's resize -> rescale -> normalise -> patchify, one image at a time."""
+
+    def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, patch_size: int = 14,
+                 temporal_patch_size: int = 2, merge_size: int = 2, image_mean=OPENAI_CLIP_MEAN,
+                 image_std=OPENAI_CLIP_STD, rescale_factor: float = 1 / 255, resample: int = Image.BICUBIC,
+                 do_resize: bool = True, do_rescale: bool = True, do_normalize: bool = True):
+        if min_pixels > max_pixels:
+            raise ValueError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.image_mean = np.asarray(image_mean, dtype=np.float32)
+        self.image_std = np.asarray(image_std, dtype=np.float32)
+        self.rescale_factor = rescale_factor
+        self.resample = resample
+        self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
+
+    @classmethod
+    def from_config(cls, cfg: dict, min_pixels: int | None = None, max_pixels: int | None = None,
+                    source: str = "preprocessor_config.json") -> "ImageProcessor":
+        size = cfg.get("size") or {}
+        lo = min_pixels or cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+        hi = max_pixels or cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280
+        kwargs = {k: cfg[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                                      "rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize")
+                  if k in cfg}
+        try:
+            return cls(min_pixels=lo, max_pixels=hi, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if not self.do_resize:
+            return height, width
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def num_image_tokens(self, grid_thw) -> int:
+        """Number of <|image_pad|> tokens for one image: merged patches = t*h*w / merge**2."""
+        t, h, w = (int(x) for x in grid_thw)
+        return t * h * w // (self.merge_size ** 2)
+
+    def preprocess(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (patches float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
+        img = _to_pil_rgb(image)
+        width, height = img.size
+        rh, rw = self.target_size(height, width)
+        if rh % self.factor or rw % self.factor:
+            raise ValueError(f"image size {rw}x{rh} is not a multiple of {self.factor}; enable resizing")
+        if self.do_resize:
+            img = img.resize((rw, rh), resample=self.resample)  # PIL like the reference (bicubic by default)
+        arr = np.asarray(img)  # H, W, C uint8
+        if self.do_rescale:
+            arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)  # the reference's rounding
+        else:
+            arr = arr.astype(np.float32)
+        if self.do_normalize:
+            arr = (arr - self.image_mean) / self.image_std
+        frames = np.repeat(arr.transpose(2, 0, 1)[None], self.temporal_patch_size, axis=0)  # one still -> T frames
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        channels = frames.shape[1]
+        gt, gh, gw = 1, rh // p, rw // p
+        # Patch order: merge windows row-major, then the m x m patches inside each window, so the model's merger
+        # can group m*m consecutive rows; features inside a patch are (channel, frame, y, x).
+        x = frames.reshape(gt, tp, channels, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(gt * gh * gw, channels * tp * p * p)), (gt, gh, gw)
+
+    def to_config(self) -> dict:
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2VLProcessor",
+            "do_resize": self.do_resize, "do_rescale": self.do_rescale, "do_normalize": self.do_normalize,
+            "do_convert_rgb": True, "resample": int(self.resample), "rescale_factor": self.rescale_factor,
+            "image_mean": [float(v) for v in self.image_mean], "image_std": [float(v) for v in self.image_std],
+            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat template
+# ---------------------------------------------------------------------------------------------------------
+def _jinja_env():
+    """A sandboxed environment with the options and helpers HF chat templates are written against."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        # `{% generation %}...{% endgeneration %}` marks assistant text for HF's masks; here it renders as-is.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+def load_chat_template(path: str) -> tuple[str, str]:
+    """(template text, where it came from): chat_template.json, chat_template.jinja, else ppiad's Qwen2-VL one.
+
+    tokenizer_config.json's template is not used: it is often a text-only template (the shared Qwen tokenizer
+    carries Qwen3's) that cannot place images.
+    """
+    json_file = os.path.join(path, "chat_template.json")
+    if os.path.isfile(json_file):
+        try:
+            with open(json_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"'{json_file}' is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise ValueError(f"'{json_file}' must hold {{\"chat_template\": \"<jinja text>\"}}")
+        return data["chat_template"], json_file
+    for name in ("chat_template.jinja",):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                return f.read(), candidate
+    with open(DEFAULT_TEMPLATE_FILE, encoding="utf-8") as f:
+        return f.read(), DEFAULT_TEMPLATE_FILE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processor
+# ---------------------------------------------------------------------------------------------------------
+class Qwen2VLProcessor:
+    """Texts with <|image_pad|> placeholders + images -> model inputs (LEFT padded)."""
+
+    def __init__(self, tokenizer: QwenTokenizer, image_processor: ImageProcessor, chat_template: str,
+                 chat_template_source: str = "<memory>", max_prompt_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.chat_template_source = chat_template_source
+        self.max_prompt_length = max_prompt_length
+        try:
+            self._template = _jinja_env().from_string(chat_template)
+        except Exception as exc:
+            raise ValueError(f"chat template from '{chat_template_source}' does not compile: {exc}") from None
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_ids = tokenizer.eos_token_ids
+
+    @classmethod
+    def from_pretrained(cls, path: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                        max_prompt_length: int | None = None) -> "Qwen2VLProcessor":
+        """Load tokenizer, preprocessor_config.json and chat template from a HF-format directory."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory '{path}' does not exist")
+        tokenizer = QwenTokenizer.from_pretrained(path)
+        pre_file = os.path.join(path, "preprocessor_config.json")
+        pre_cfg = {}
+        if os.path.isfile(pre_file):
+            try:
+                with open(pre_file, encoding="utf-8") as f:
+                    pre_cfg = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"'{pre_file}' is not valid JSON: {exc}") from None
+        image_processor = ImageProcessor.from_config(pre_cfg, min_pixels, max_pixels, source=pre_file)
+        template, source = load_chat_template(path)
+        return cls(tokenizer, image_processor, template, source, max_prompt_length)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Qwen2VLProcessor":
+        """From a ppiad Config: model.path, model.min_pixels / max_pixels / max_prompt_length."""
+        from ppiad.config import require
+
+        m = cfg.model
+        return cls.from_pretrained(require(cfg, "model.path", "the Qwen2-VL checkpoint directory"),
+                                   m.min_pixels, m.max_pixels, m.max_prompt_length)
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs):
+        """HF-style messages -> prompt text (or a list of texts for a list of conversations)."""
+        if messages and isinstance(messages[0], (list, tuple)):
+            return [self.apply_chat_template(m, add_generation_prompt, **kwargs) for m in messages]
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r}")
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     eos_token=self.tokenizer.eos_token, pad_token=self.tokenizer.pad_token,
+                                     **kwargs)
+
+    # -- batching -----------------------------------------------------------------------------------------
+    def __call__(self, text, images=None, return_tensors: str = "pd") -> dict:
+        """Expand image placeholders, tokenise, LEFT pad. return_tensors: "pd" (paddle) or "np"."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no text given")
+        pixel_values = grids = None
+        if images is not None:
+            images = [images] if not isinstance(images, (list, tuple)) else list(images)
+            processed = [self.image_processor.preprocess(im) for im in images]
+            if processed:
+                pixel_values = np.concatenate([p for p, _ in processed], axis=0)
+                grids = np.asarray([g for _, g in processed], dtype=np.int64)
+        texts = self._expand_image_tokens(texts, grids)
+        rows = self.tokenizer.encode_batch(texts)
+        longest = max(len(r) for r in rows)
+        if self.max_prompt_length is not None and longest > self.max_prompt_length:
+            raise ValueError(f"prompt is {longest} tokens (image tokens included), longer than "
+                             f"max_prompt_length={self.max_prompt_length}; lower model.max_pixels or raise "
+                             f"model.max_prompt_length")
+        input_ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, longest - len(row):] = row
+                attention_mask[i, longest - len(row):] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+               "image_grid_thw": grids}
+        if return_tensors == "np":
+            return out
+        if return_tensors != "pd":
+            raise ValueError(f"return_tensors must be 'pd' or 'np', got {return_tensors!r}")
+        import paddle
+
+        return {k: (None if v is None else paddle.to_tensor(v)) for k, v in out.items()}
+
+    def _expand_image_tokens(self, texts: list[str], grids) -> list[str]:
+        n_placeholders = sum(t.count(IMAGE_TOKEN) for t in texts)
+        n_images = 0 if grids is None else len(grids)
+        if n_placeholders != n_images:
+            raise ValueError(f"the texts hold {n_placeholders} {IMAGE_TOKEN} placeholders but {n_images} images "
+                             f"were given")
+        if not n_images:
+            return texts
+        counts = iter(self.image_processor.num_image_tokens(g) for g in grids)
+        out = []
+        for t in texts:
+            pieces = t.split(IMAGE_TOKEN)
+            out.append(pieces[0] + "".join(IMAGE_TOKEN * next(counts) + rest for rest in pieces[1:]))
+        return out
+
+    def build_inputs(self, images: Sequence, object_names: Sequence[str], return_tensors: str = "pd") -> dict:
+        """ppiad's prompt for each (image, object name): image first in the user turn, then the task text."""
+        from ppiad.prompt import build_prompt  # lazy: the prompt module is owned elsewhere
+
+        images, object_names = list(images), list(object_names)
+        if len(images) != len(object_names):
+            raise ValueError(f"build_inputs got {len(images)} images but {len(object_names)} object names")
+        texts = [self.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": build_prompt(name)}]}], add_generation_prompt=True)
+            for name in object_names]
+        return self(text=texts, images=images, return_tensors=return_tensors)
+
+    # -- output -------------------------------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write preprocessor_config.json and chat_template.json (the tokenizer files are the checkpoint's own)."""
+        from ppiad.utils.io import atomic_write_text
+
+        os.makedirs(path, exist_ok=True)
+        atomic_write_text(os.path.join(path, "preprocessor_config.json"),
+                          json.dumps(self.image_processor.to_config(), indent=2) + "\n")
+        atomic_write_text(os.path.join(path, "chat_template.json"),
+                          json.dumps({"chat_template": self.chat_template}, indent=2) + "\n")
