@@ -1,0 +1,638 @@
+"""Qwen2-VL in plain Paddle: vision transformer, patch merger, Qwen2 decoder with multimodal rotary positions.
+
+The architecture follows transformers 4.51.3's `modeling_qwen2_vl.py` (the reference a parity test checks us
+against); the code is our own. Parameter names equal the Hugging Face checkpoint's, so a
+`Qwen/Qwen2-VL-*-Instruct` directory loads without conversion.
+
+Weight layout: Paddle's nn.Linear stores its weight as [in, out], torch (and hence HF safetensors) as
+[out, in]. Every nn.Linear weight is transposed on load and back on save. The lm_head is not an nn.Linear
+here: it keeps HF's [vocab, hidden] layout so that tied embeddings can share one tensor.
+
+Shapes used in comments: B batch, T new tokens, S = T_past + T keys, H heads, Hk key/value heads, D head dim.
+Precision: fp32 on CPU (tested). dtype="bfloat16" casts the weights and keeps RMSNorm, rotary and softmax in
+fp32 as the reference does; it needs a GPU and is untested here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ppiad.models import weights as W
+from ppiad.utils.io import atomic_write_json
+
+QWEN2_VL_MODEL_TYPE = "qwen2_vl"
+QWEN2_VL_ARCHITECTURE = "Qwen2VLForConditionalGeneration"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Qwen2VLVisionConfig:
+    depth: int = 32
+    embed_dim: int = 1280
+    hidden_size: int = 3584  # output width of the patch merger = the decoder's hidden size
+    mlp_ratio: float = 4
+    num_heads: int = 16
+    in_chans: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass
+class Qwen2VLConfig:
+    vision_config: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
+    vocab_size: int = 152064
+    hidden_size: int = 8192
+    intermediate_size: int = 29568
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    rope_scaling: dict = field(default_factory=lambda: {"type": "mrope", "mrope_section": [16, 24, 24]})
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged on save
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mrope_section(self) -> list[int]:
+        return list(self.rope_scaling["mrope_section"])
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Qwen2VLConfig":
+        d = dict(d)
+        vision = dict(d.pop("vision_config", None) or {})
+        if "in_channels" in vision:  # transformers spells it in_channels, the hub's config.json in_chans
+            vision["in_chans"] = vision.pop("in_channels")
+        vnames = set(Qwen2VLVisionConfig.__dataclass_fields__)
+        vcfg = Qwen2VLVisionConfig(**{k: v for k, v in vision.items() if k in vnames})
+        names = set(cls.__dataclass_fields__) - {"vision_config", "extra"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in names}
+        cfg = cls(vision_config=vcfg, **kwargs)
+        cfg.extra = {k: v for k, v in d.items() if k != "extra"}
+        cfg.extra["_vision_extra"] = {k: v for k, v in vision.items() if k not in vnames}
+        if not cfg.rope_scaling or "mrope_section" not in cfg.rope_scaling:
+            raise W.CheckpointError(f"{source}: rope_scaling.mrope_section is required for Qwen2-VL, "
+                                    f"found rope_scaling={cfg.rope_scaling!r}")
+        if 2 * sum(cfg.mrope_section) != cfg.head_dim:
+            raise W.CheckpointError(f"{source}: 2 * sum(mrope_section={cfg.mrope_section}) must equal head_dim "
+                                    f"{cfg.head_dim} (hidden_size / num_attention_heads)")
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise W.CheckpointError(f"{source}: hidden_size must divide by num_attention_heads and that by "
+                                    f"num_key_value_heads")
+        return cfg
+
+    def to_dict(self) -> dict:
+        extra = dict(self.extra)
+        vision = dict(self.vision_config.__dict__)
+        vision.update(extra.pop("_vision_extra", {}))
+        out = {"architectures": [QWEN2_VL_ARCHITECTURE], "model_type": QWEN2_VL_MODEL_TYPE}
+        out.update(extra)
+        out.update({k: v for k, v in self.__dict__.items() if k not in ("vision_config", "extra")})
+        out["vision_config"] = vision
+        return out
+
+    @classmethod
+    def from_file(cls, path: str) -> "Qwen2VLConfig":
+        if not os.path.isfile(path):
+            raise W.CheckpointError(f"model config not found: '{path}'")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except ValueError as exc:
+            raise W.CheckpointError(f"'{path}' is not valid JSON: {exc}") from exc
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type != QWEN2_VL_MODEL_TYPE or (archs and QWEN2_VL_ARCHITECTURE not in archs):
+            raise W.CheckpointError(
+                f"'{path}' does not describe a Qwen2-VL model: model_type={model_type!r}, architectures={archs!r} "
+                f"(expected model_type '{QWEN2_VL_MODEL_TYPE}' and '{QWEN2_VL_ARCHITECTURE}'; Qwen2.5-VL is a "
+                f"different architecture)")
+        return cls.from_dict(d, source=path)
+
+
+@dataclass
+class Qwen2VLOutput:
+    logits: paddle.Tensor                 # [B, T, V] (or the last `logits_to_keep` positions)
+    loss: Optional[paddle.Tensor] = None  # mean next-token cross entropy over labels != -100
+    past_key_values: Optional[list] = None  # per layer (key, value), each [B, Hk, S, D]
+    rope_deltas: Optional[paddle.Tensor] = None  # [B, 1] int64: rotary position - cache index after prefill
+    hidden_states: Optional[paddle.Tensor] = None  # [B, T, hidden] final normed hidden states
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------
+def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
+    x1, x2 = paddle.split(x, 2, axis=-1)
+    return paddle.concat([-x2, x1], axis=-1)
+
+
+def _neg_large(dtype) -> float:
+    # the most negative finite value: fully masked rows (left padding) then soften to uniform, never NaN
+    return float(np.finfo(np.float32).min) if dtype == paddle.float32 else -1e30
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.astype("float32")
+        x = x * paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower
+# ----------------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Layer):
+    """3-D conv with stride = kernel over (t, h, w) patches, i.e. one linear map per flattened patch."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig):
+        super().__init__()
+        k = [cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size]
+        self.embed_dim = cfg.embed_dim
+        self.proj = nn.Conv3D(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k, bias_attr=False)
+
+    def forward(self, pixel_values):  # [N, C*t*p*p] -> [N, E]
+        # Each patch is exactly one conv window, so the conv equals a matmul (much faster on CPU).
+        w = self.proj.weight.reshape([self.embed_dim, -1])
+        return paddle.matmul(pixel_values.astype(w.dtype), w, transpose_y=True)
+
+
+class VisionAttention(nn.Layer):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape([n, 3, self.num_heads, self.head_dim]).transpose([1, 2, 0, 3])  # [3,H,N,D]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        dtype = q.dtype
+        q, k = q.astype("float32"), k.astype("float32")
+        q = (q * cos + rotate_half(q) * sin).astype(dtype)
+        k = (k * cos + rotate_half(k) * sin).astype(dtype)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        outs = []
+        # Full attention within each image, none across images: one small attention per image
+        # (a loop over images, not tokens) instead of an N x N block-diagonal mask.
+        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True) * scale
+            probs = F.softmax(scores.astype("float32"), axis=-1).astype(dtype)
+            outs.append(paddle.matmul(probs, v[:, s:e]))
+        out = paddle.concat(outs, axis=1) if len(outs) > 1 else outs[0]  # [H, N, D]
+        return self.proj(out.transpose([1, 0, 2]).reshape([n, -1]))
+
+
+class VisionMlp(nn.Layer):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = act
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.act == "quick_gelu":
+            h = h * F.sigmoid(1.702 * h)
+        elif self.act == "gelu":
+            h = F.gelu(h)
+        else:
+            raise ValueError(f"unsupported vision hidden_act {self.act!r}")
+        return self.fc2(h)
+
+
+class VisionBlock(nn.Layer):
+    def __init__(self, cfg: Qwen2VLVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, epsilon=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, epsilon=1e-6)
+        self.attn = VisionAttention(cfg.embed_dim, cfg.num_heads)
+        self.mlp = VisionMlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.hidden_act)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Layer):
+    """LayerNorm, then each 2x2 group of neighbouring patches (contiguous in the input) -> one token."""
+
+    def __init__(self, out_dim: int, context_dim: int, merge: int):
+        super().__init__()
+        self.hidden = context_dim * merge * merge
+        self.ln_q = nn.LayerNorm(context_dim, epsilon=1e-6)
+        # a LayerList so the names are mlp.0 / mlp.2 as in the checkpoint (mlp.1 is the parameter-free GELU)
+        self.mlp = nn.LayerList([nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim)])
+
+    def forward(self, x):
+        x = self.ln_q(x).reshape([-1, self.hidden])
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class Qwen2VisionTransformer(nn.Layer):
+    def __init__(self, cfg: Qwen2VLVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.LayerList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg.hidden_size, cfg.embed_dim, cfg.spatial_merge_size)
+        rot_dim = cfg.embed_dim // cfg.num_heads // 2  # half the head dim for rows, half for columns
+        self.rot_inv_freq = 1.0 / (10000.0 ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
+
+    def rotary(self, grid_thw: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """cos/sin [N, D]: 2-D rotary from each patch's (row, col), patches in merge-group order."""
+        m = self.cfg.spatial_merge_size
+        pos = []
+        for t, h, w in grid_thw:
+            rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
+            cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
+            # the processor emits patches grouped by merge window: (h/m, w/m, m, m)
+            rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+            cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+            pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
+        pos = np.concatenate(pos, 0).astype(np.float32)  # [N, 2]
+        freqs = (pos[:, :, None] * self.rot_inv_freq[None, None, :]).reshape(len(pos), -1)  # [N, D/2]
+        emb = paddle.to_tensor(np.concatenate([freqs, freqs], -1))
+        return paddle.cos(emb).unsqueeze(0), paddle.sin(emb).unsqueeze(0)  # [1, N, D] broadcast over heads
+
+    def forward(self, pixel_values, grid_thw) -> paddle.Tensor:
+        grid = _as_numpy_int(grid_thw).reshape(-1, 3)
+        x = self.patch_embed(pixel_values)
+        cos, sin = self.rotary(grid)
+        lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # one attention segment per frame
+        cu = [0] + np.cumsum(lengths).tolist()
+        if cu[-1] != x.shape[0]:
+            raise ValueError(f"pixel_values has {x.shape[0]} patches but image_grid_thw describes {cu[-1]}")
+        for blk in self.blocks:
+            x = blk(x, cu, cos, sin)
+        return self.merger(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------
+class Qwen2Attention(nn.Layer):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.num_heads, self.num_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias_attr=False)
+
+    def forward(self, x, cos, sin, allowed, past):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape([b, t, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+        k = self.k_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
+        v = self.v_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = paddle.concat([past[0], k], axis=2)
+            v = paddle.concat([past[1], v], axis=2)
+        present = (k, v)
+        s = k.shape[2]
+        g = self.num_heads // self.num_kv
+        # grouped-query attention by broadcasting: q [B, Hk, g, T, D] against k, v [B, Hk, 1, S, D]
+        qg = q.reshape([b, self.num_kv, g, t, self.head_dim])
+        scores = paddle.matmul(qg, k.unsqueeze(2), transpose_y=True) / math.sqrt(self.head_dim)
+        scores = scores.astype("float32")
+        scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
+        probs = F.softmax(scores, axis=-1).astype(v.dtype)
+        out = paddle.matmul(probs, v.unsqueeze(2))  # [B, Hk, g, T, D]
+        out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
+        del s
+        return self.o_proj(out), present
+
+
+class Qwen2MLP(nn.Layer):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias_attr=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Layer):
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, allowed, past):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class Qwen2Model(nn.Layer):
+    """Embeddings + decoder layers + final norm (the checkpoint's `model.*`)."""
+
+    def __init__(self, cfg: Qwen2VLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.LayerList([Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        d = cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+        # channel c of the rotary embedding takes its position from axis axis_of[c] (0 t, 1 h, 2 w)
+        sec = cfg.mrope_section * 2
+        self.axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sec)])
+
+    def rotary(self, position_ids, dtype):
+        """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied."""
+        pos = position_ids.astype("float32").unsqueeze(-1)  # [3, B, T, 1]
+        freqs = pos * paddle.to_tensor(self.inv_freq)  # [3, B, T, D/2]
+        emb = paddle.concat([freqs, freqs], axis=-1)  # [3, B, T, D]
+        onehot = paddle.to_tensor(np.eye(3, dtype=np.float32)[:, self.axis_of])  # [3, D]: picks the axis
+        cos = (paddle.cos(emb) * onehot[:, None, None, :]).sum(0)
+        sin = (paddle.sin(emb) * onehot[:, None, None, :]).sum(0)
+        return cos.unsqueeze(1).astype(dtype), sin.unsqueeze(1).astype(dtype)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values, use_cache):
+        b, t, _ = inputs_embeds.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        s = past_len + t
+        if attention_mask is None:
+            attention_mask = paddle.ones([b, s], dtype="int64")
+        if attention_mask.shape[-1] != s:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = "
+                             f"{past_len} + {t}")
+        # query i (absolute position past_len + i) may see key j if j <= past_len + i and j is not padding
+        causal = paddle.arange(s).unsqueeze(0) <= (paddle.arange(t) + past_len).unsqueeze(1)  # [T, S]
+        allowed = causal.unsqueeze(0) & (attention_mask.astype("bool").unsqueeze(1))  # [B, T, S]
+        allowed = allowed.reshape([b, 1, 1, t, s])  # broadcasts over (kv head, group)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, cos, sin, allowed, past_key_values[i] if past_key_values else None)
+            if use_cache:
+                presents.append(present)
+        return self.norm(x), (presents if use_cache else None)
+
+
+class LMHead(nn.Layer):
+    """Logits = hidden @ weight^T with weight in HF layout [vocab, hidden]; tied heads reuse the embedding."""
+
+    def __init__(self, hidden: int, vocab: int, tied_embedding: nn.Embedding | None = None):
+        super().__init__()
+        if tied_embedding is None:
+            self.weight = self.create_parameter([vocab, hidden])
+            self._tied = None
+        else:
+            self._tied = [tied_embedding]  # a plain list, so the shared weight is not registered twice
+
+    def forward(self, h):
+        w = self._tied[0].weight if self._tied is not None else self.weight
+        return paddle.matmul(h, w, transpose_y=True)
+
+
+def _as_numpy_int(x) -> np.ndarray:
+    if x is None:
+        return None
+    if isinstance(x, paddle.Tensor):
+        x = x.numpy()
+    return np.asarray(x).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The full model
+# ----------------------------------------------------------------------------------------------------------
+class Qwen2VLForConditionalGeneration(nn.Layer):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.model = Qwen2Model(config)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size,
+                              self.model.embed_tokens if config.tie_word_embeddings else None)
+
+    # ---- vision ------------------------------------------------------------------------------------------
+    def get_image_embeds(self, pixel_values, image_grid_thw) -> paddle.Tensor:
+        """Vision tower + merger: [n_patches, C*t*p*p] -> [n_patches / merge^2, hidden]."""
+        return self.visual(pixel_values, image_grid_thw)
+
+    # ---- positions ---------------------------------------------------------------------------------------
+    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None):
+        """3-D rotary positions [3, B, T] and rope_deltas [B, 1] (as in the reference).
+
+        Text tokens advance all three axes together; an image's tokens take (t, row, col) of their merged
+        grid cell offset by the text before them; text after an image continues from the image's max + 1.
+        Padding positions get 1, like the reference (they are masked anyway).
+        """
+        ids = _as_numpy_int(input_ids)
+        b, t = ids.shape
+        mask = np.ones_like(ids) if attention_mask is None else _as_numpy_int(attention_mask)
+        grids = _as_numpy_int(image_grid_thw)
+        if grids is None or not (ids == self.config.image_token_id).any():
+            if attention_mask is None:
+                pos = np.broadcast_to(np.arange(t), (3, b, t)).copy()
+                deltas = np.zeros((b, 1), np.int64)
+            else:
+                p = np.cumsum(mask, -1) - 1
+                p[mask == 0] = 1
+                pos = np.broadcast_to(p, (3, b, t)).copy()
+                deltas = p.max(-1, keepdims=True) + 1 - t
+            return paddle.to_tensor(pos, dtype="int64"), paddle.to_tensor(deltas, dtype="int64")
+        grids = grids.reshape(-1, 3)
+        m = self.config.vision_config.spatial_merge_size
+        pos = np.ones((3, b, t), np.int64)
+        deltas = np.zeros((b, 1), np.int64)
+        image_index = 0
+        for i in range(b):
+            toks = ids[i][mask[i] == 1]
+            starts = np.nonzero(toks == self.config.vision_start_token_id)[0]
+            n_images = int((toks[starts[starts + 1 < len(toks)] + 1] == self.config.image_token_id).sum())
+            chunks, st, nxt = [], 0, 0
+            for _ in range(n_images):
+                ed = st + int(np.argmax(toks[st:] == self.config.image_token_id))
+                gt, gh, gw = grids[image_index]
+                image_index += 1
+                gh, gw = gh // m, gw // m
+                text_len = ed - st
+                chunks.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + nxt)
+                tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+                chunks.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + text_len + nxt)
+                nxt = int(chunks[-1].max()) + 1
+                st = ed + gt * gh * gw
+            if st < len(toks):
+                chunks.append(np.broadcast_to(np.arange(len(toks) - st), (3, len(toks) - st)) + nxt)
+            llm = np.concatenate(chunks, axis=1)
+            pos[:, i, mask[i] == 1] = llm
+            deltas[i, 0] = llm.max() + 1 - t
+        return paddle.to_tensor(pos), paddle.to_tensor(deltas)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                image_embeds=None, position_ids=None, past_key_values=None, use_cache=False, labels=None,
+                rope_deltas=None, logits_to_keep: int = 0) -> Qwen2VLOutput:
+        """One step of the decoder (prefill or decode).
+
+        Prefill: input_ids [B, T] (left padded), attention_mask [B, T], pixel_values + image_grid_thw (or
+        precomputed image_embeds). Positions come from get_rope_index and rope_deltas is returned.
+        Decode: past_key_values from the previous output, attention_mask [B, T_past + T], and explicit
+        position_ids [3, B, T] (= cache index + rope_deltas), or rope_deltas to derive them.
+        logits_to_keep > 0 computes logits only for the last that many positions (saves the vocab matmul).
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        cfg = self.config
+        embeds = self.model.embed_tokens(input_ids)
+        is_image = input_ids == cfg.image_token_id
+        n_image_tokens = int(is_image.astype("int64").sum())
+        if n_image_tokens:
+            if image_embeds is None:
+                if pixel_values is None:
+                    raise ValueError(f"input_ids hold {n_image_tokens} image tokens but neither pixel_values nor "
+                                     f"image_embeds was given")
+                image_embeds = self.get_image_embeds(pixel_values, image_grid_thw)
+            if image_embeds.shape[0] != n_image_tokens:
+                raise ValueError(f"image features and image tokens do not match: {image_embeds.shape[0]} features, "
+                                 f"{n_image_tokens} tokens")
+            # the k-th image token (row-major over the batch) takes the k-th image feature
+            flat = is_image.reshape([-1])
+            order = paddle.clip(paddle.cumsum(flat.astype("int64")) - 1, min=0)
+            gathered = paddle.gather(image_embeds.astype(embeds.dtype), order).reshape(embeds.shape)
+            embeds = paddle.where(is_image.unsqueeze(-1), gathered, embeds)
+
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        b, t = input_ids.shape
+        if position_ids is None:
+            if past_len == 0:
+                position_ids, rope_deltas = self.get_rope_index(input_ids, image_grid_thw, attention_mask)
+            elif rope_deltas is not None:
+                step = paddle.arange(past_len, past_len + t, dtype="int64").unsqueeze(0) + rope_deltas
+                position_ids = step.unsqueeze(0).expand([3, b, t])
+            else:
+                raise ValueError("decode steps need position_ids [3, B, T] (cache index + rope_deltas) or "
+                                 "rope_deltas from the prefill output")
+        elif position_ids.ndim == 2:
+            position_ids = position_ids.unsqueeze(0).expand([3, b, t])
+
+        hidden, presents = self.model(embeds, position_ids, attention_mask, past_key_values, use_cache)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+            loss = F.cross_entropy(logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]]),
+                                   labels[:, 1:].reshape([-1, 1]).astype("int64"), ignore_index=-100)
+        return Qwen2VLOutput(logits=logits, loss=loss, past_key_values=presents, rope_deltas=rope_deltas,
+                             hidden_states=hidden)
+
+    # ---- weights -----------------------------------------------------------------------------------------
+    def linear_weight_names(self) -> set[str]:
+        """Names of nn.Linear weights: stored [in, out] here, [out, in] in HF files."""
+        return {f"{prefix}.weight" for prefix, layer in self.named_sublayers() if isinstance(layer, nn.Linear)}
+
+    def hf_state_dict(self) -> dict[str, np.ndarray]:
+        """name -> numpy array in HF layout (linears transposed), float32."""
+        linear = self.linear_weight_names()
+        out = {}
+        for name, p in self.state_dict().items():
+            arr = p.astype("float32").numpy() if p.dtype != paddle.float32 else p.numpy()
+            out[name] = np.ascontiguousarray(arr.T) if name in linear else arr
+        return out
+
+    def load_hf_tensors(self, tensors, layout: str = "hf", source: str = "checkpoint") -> None:
+        """Assign (name, numpy array) pairs one by one; errors list missing / unexpected / mis-shaped keys."""
+        params = self.state_dict()
+        linear = self.linear_weight_names()
+        tied = self.config.tie_word_embeddings
+        seen, unexpected, mismatched = set(), [], []
+        for name, arr in tensors:
+            if name not in params:
+                if not (tied and name == "lm_head.weight"):  # a tied head may be stored anyway; it is ignored
+                    unexpected.append(name)
+                continue
+            target = params[name]
+            if (layout == "hf" and name in linear) or (layout == "paddle" and name == "lm_head.weight"
+                                                        and arr.ndim == 2 and arr.shape[::-1] == tuple(target.shape)
+                                                        and arr.shape != tuple(target.shape)):
+                arr = arr.T
+            if tuple(arr.shape) != tuple(target.shape):
+                mismatched.append(f"{name}: file {tuple(arr.shape)} vs model {tuple(target.shape)}")
+                continue
+            target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
+            seen.add(name)
+        missing = sorted(set(params) - seen)
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        if problems:
+            raise W.CheckpointError(f"weights in '{source}' do not fit the Qwen2-VL config: " + "; ".join(problems))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, dtype: str = "float32",
+                        allow_pickle: bool = False) -> "Qwen2VLForConditionalGeneration":
+        """Load a Hugging Face-format Qwen2-VL directory (config.json + safetensors, single or sharded)."""
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if not os.path.isdir(directory):
+            raise W.CheckpointError(f"model directory not found: '{directory}'")
+        config = Qwen2VLConfig.from_file(os.path.join(directory, "config.json"))
+        layout, files = W.find_weights(directory, allow_pickle=allow_pickle)
+        prev = paddle.get_default_dtype()
+        paddle.set_default_dtype(dtype)  # create parameters directly in the target dtype
+        try:
+            model = cls(config)
+        finally:
+            paddle.set_default_dtype(prev)
+        model.load_hf_tensors(W.iter_tensors(layout, files), layout=layout, source=directory)
+        model.eval()
+        return model
+
+    def save_pretrained(self, directory: str, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + model.safetensors (or shards + index) in HF layout, atomically per file."""
+        os.makedirs(directory, exist_ok=True)
+        tensors = self.hf_state_dict()
+        bf16 = frozenset(n for n, p in self.state_dict().items() if p.dtype == paddle.bfloat16)
+        W.save_sharded(directory, tensors, max_shard_bytes=max_shard_bytes, bf16_names=bf16)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = "bfloat16" if bf16 else "float32"
+        atomic_write_json(os.path.join(directory, "config.json"), cfg)
