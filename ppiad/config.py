@@ -88,8 +88,10 @@ SCHEMA: dict = {
                                    ("auto", "uniform", "manual")),
             "factor_defect": Field(1.0, float, "f for the defect class when class_factors = manual"),
             "factor_normal": Field(1.0, float, "f for the normal class when class_factors = manual"),
-            "mode": Field("reward", str, "reward = added to the reward before group normalisation; "
-                          "advantage_weight = scales each sample's advantage after normalisation",
+            "mode": Field("advantage_weight", str, "reward = focal reward added to the reward before group "
+                          "normalisation (paper-literal; std normalisation cancels f and gamma); "
+                          "advantage_weight = correctness in the reward, alpha*f*(2(1-p))^gamma scales each "
+                          "sample's advantage after normalisation (docs/method.md)",
                           ("reward", "advantage_weight")),
         },
     },

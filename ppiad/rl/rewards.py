@@ -154,8 +154,11 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
     focal.mode = advantage_weight: the focal reward is split into its two parts. Its "was it correct" part
         stays in the reward, its modulation becomes a per-row weight applied after group normalisation:
         total = w_format*format + w_acc*accuracy + w_focal*correct
-        advantage_weights = alpha * f[class] * (1 - p)^gamma   (not renormalised over the batch: a batch of
-        one prompt would cancel it again; alpha sets the overall scale, see docs/method.md).
+        advantage_weights = alpha * f[class] * (2 * (1 - p))^gamma
+        The focal modulation, pivoted at p = 1/2: a prompt the policy gets right half of the time keeps
+        weight alpha * f for every gamma (so a gamma ablation does not turn into a step-size ablation);
+        harder rows weigh up to 2^gamma times more, easier ones less. Not renormalised over the batch: a
+        batch of one prompt (the paper's layout) would cancel the weight again. See docs/method.md.
     class_factors: {"defect": f_d, "normal": f_n}; required for focal.class_factors = auto (compute it once
         from the training partition with `class_factors(train_samples)`), else derived from the config.
     """
@@ -187,7 +190,7 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
         weights = np.ones(n)
     elif mode == "advantage_weight":
         total = total + rewards_cfg["focal_weight"] * acc
-        weights = mod
+        weights = mod * 2.0 ** focal_cfg["gamma"]  # (1 - p)^gamma -> (2 (1 - p))^gamma: the p = 1/2 pivot
     else:
         raise ValueError(f"rewards.focal.mode must be reward or advantage_weight, got {mode!r}")
     return total, per_reward, weights
