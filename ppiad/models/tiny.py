@@ -129,8 +129,7 @@ def tiny_model_config(tok: Tokenizer, hidden_size: int = 64, layers: int = 2, he
         "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6,
-        "rope_theta": rope_theta, "rope_scaling": {"type": "mrope", "rope_type": "default",
-                                                    "mrope_section": mrope_section},
+        "rope_theta": rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": mrope_section},
         "max_position_embeddings": max_position_embeddings, "max_window_layers": layers,
         "sliding_window": max_position_embeddings, "use_sliding_window": False, "use_cache": True,
         "tie_word_embeddings": tie_word_embeddings, "torch_dtype": "float32",
@@ -190,5 +189,5 @@ def _write_random_weights(out_dir: str, seed: int) -> None:
     from ppiad.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     paddle.seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(out_dir))
-    model.save_pretrained(out_dir)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_file(os.path.join(out_dir, "config.json")))
+    model.save_pretrained(out_dir)  # writes model.safetensors and rewrites config.json with the same content
