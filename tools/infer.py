@@ -1,0 +1,165 @@
+"""Inspect one image or a folder: verdict (defect/normal), P(defect) and the model's reasoning.
+
+    python tools/infer.py -c configs/demo.yaml --image part.png --object "metal washer"
+    python tools/infer.py -c configs/demo.yaml --image_dir data/washer/test/scratch --object washer --json
+    python tools/infer.py -c configs/demo.yaml --image_dir incoming/ --save_vis vis/
+
+In a folder, files without an image extension are skipped (and counted); an image that cannot be read is
+reported on its own line and the folder goes on. Exit code 0 on success, 2 on bad input (one-line reason).
+"""
+from __future__ import annotations
+
+import _path  # noqa: F401  (puts the repository on sys.path)
+
+import argparse
+import json
+import os
+import sys
+
+from ppiad.data.images import ImageLoadError, is_image_file, load_image
+from ppiad.utils.cli import UsageError, add_config_args, config_from_args, user_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image file")
+    src.add_argument("--image_dir", help="a folder of images (not recursive)")
+    p.add_argument("--object", help="object name for the prompt, e.g. 'pill' (default for --image_dir: the "
+                                    "folder name)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    p.add_argument("--save_vis", metavar="DIR", help="write each image with its verdict and reasoning as PNG")
+    p.add_argument("--batch_size", type=int, default=None, help="images per batch (default: eval.batch_size)")
+    return p
+
+
+def _object_name(cfg, name: str) -> str:
+    names = cfg.data.object_names or {}
+    return str(names.get(name, name.replace("_", " ")))
+
+
+def _list_folder(folder: str) -> tuple[list[str], list[str]]:
+    if not os.path.isdir(folder):
+        raise UsageError(f"--image_dir '{folder}' is not a directory" if os.path.exists(folder)
+                         else f"--image_dir '{folder}' does not exist")
+    entries = sorted(os.listdir(folder))
+    images = [os.path.join(folder, e) for e in entries
+              if is_image_file(e) and os.path.isfile(os.path.join(folder, e))]
+    kept = set(images)
+    skipped = [os.path.join(folder, e) for e in entries if os.path.join(folder, e) not in kept]
+    if not images:
+        raise UsageError(f"no image files in '{folder}' ({len(skipped)} other entries skipped; "
+                         f"image extensions: .png .jpg .jpeg .bmp .tif .tiff .webp)")
+    return images, skipped
+
+
+def _vis_path(out_dir: str, image_path: str, used: set[str]) -> str:
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    name, k = f"{stem}.png", 1
+    while name in used:
+        name, k = f"{stem}_{k}.png", k + 1
+    used.add(name)
+    return os.path.join(out_dir, name)
+
+
+def _result(path: str, obj: str, pred=None, error: str | None = None) -> dict:
+    if pred is None:
+        return {"path": path, "object": obj, "verdict": None, "answer": None, "p_defect": None, "think": None,
+                "completion": None, "valid_format": False, "error": error}
+    return {"path": path, "object": obj, "verdict": pred.verdict, "answer": pred.answer, "p_defect": pred.score,
+            "think": pred.think, "completion": pred.completion, "valid_format": pred.valid_format, "error": None}
+
+
+def _format_text(res: dict, single: bool) -> str:
+    if res["error"]:
+        return f"{res['path']}: error: {res['error']}"
+    score = "n/a" if res["p_defect"] is None else f"{res['p_defect']:.3f}"
+    verdict = res["verdict"] if res["verdict"] != "unknown" else "unknown (no valid <answer> in the output)"
+    reasoning = res["think"] if res["think"] is not None else (res["completion"] or "").strip()
+    if single:
+        return (f"image: {res['path']}\nobject: {res['object']}\nverdict: {verdict}\nP(defect): {score}\n"
+                f"reasoning: {reasoning}")
+    return f"{res['path']}: {verdict}  P(defect)={score}\n  reasoning: {reasoning}"
+
+
+def _default_predictor(cfg):
+    from ppiad.eval.predictor import ModelPredictor
+
+    return ModelPredictor.from_config(cfg)
+
+
+def run(args, cfg, predictor_factory) -> int:
+    single = args.image is not None
+    if single:
+        if not args.object:
+            raise UsageError("--object is required with --image (the object name used in the prompt)")
+        if not os.path.isfile(args.image):
+            raise UsageError(f"--image '{args.image}' is not a file" if os.path.exists(args.image)
+                             else f"--image '{args.image}' does not exist")
+        load_image(args.image)  # a bad file fails here, before the model is loaded
+        paths, skipped = [args.image], []
+        obj = _object_name(cfg, args.object)
+    else:
+        paths, skipped = _list_folder(args.image_dir)
+        obj = _object_name(cfg, args.object or os.path.basename(os.path.normpath(args.image_dir)))
+    batch_size = args.batch_size or cfg.eval.batch_size
+    if batch_size <= 0:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if args.save_vis:
+        os.makedirs(args.save_vis, exist_ok=True)
+    predictor = predictor_factory(cfg)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), unit="img", desc="inspecting", file=sys.stderr, disable=single,
+               dynamic_ncols=True)
+    counts = {"defect": 0, "normal": 0, "unknown": 0, "unreadable": 0}
+    used_names: set[str] = set()
+    out = sys.stdout
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        images, errors = {}, {}
+        for p in batch:
+            try:
+                images[p] = load_image(p)
+            except ImageLoadError as exc:
+                errors[p] = str(exc)
+        ok = [p for p in batch if p in images]
+        preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok)))) if ok else {}
+        for p in batch:
+            res = _result(p, obj, preds.get(p), errors.get(p))
+            counts["unreadable" if res["error"] else res["verdict"]] += 1
+            line = json.dumps(res, ensure_ascii=False) if args.json else _format_text(res, single)
+            bar.write(line, file=out)
+            out.flush()
+            if args.save_vis and p in preds:
+                pred = preds[p]
+                from ppiad.vis.draw import save_verdict
+
+                save_verdict(_vis_path(args.save_vis, p, used_names), images[p], pred.verdict, pred.score,
+                             pred.think if pred.think is not None else pred.completion,
+                             title=f"{os.path.basename(p)} ({obj})")
+        bar.update(len(batch))
+    bar.close()
+
+    if not single:
+        summary = (f"summary: {len(paths)} images: {counts['defect']} defect, {counts['normal']} normal, "
+                   f"{counts['unknown']} without a valid answer, {counts['unreadable']} unreadable; "
+                   f"{len(skipped)} non-image entries skipped")
+        print(summary, file=sys.stderr if args.json else sys.stdout)
+        if counts["unreadable"] == len(paths):
+            print(f"error: none of the {len(paths)} images in '{args.image_dir}' could be read", file=sys.stderr)
+            return 2
+    return 0
+
+
+def main(argv=None, predictor_factory=None) -> int:
+    args = build_parser().parse_args(argv)
+    with user_errors():
+        cfg = config_from_args(args)
+        return run(args, cfg, predictor_factory or _default_predictor)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
