@@ -1,0 +1,130 @@
+"""Multi-process training on CPU: two processes under `paddle.distributed.launch` must end with identical
+trainable parameters (data parallel and sharding stage 1), each having seen different data.
+
+Running this file as a script is the worker the tests launch (a toy model with a frozen base and a small
+trainable part, like LoRA, trained with gradient accumulation)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ppiad.utils.distributed import DistEnv, shard_samples, unwrap, wrap  # noqa: E402
+
+
+def test_shard_samples_disjoint_equal_and_deterministic():
+    items = list(range(11))
+    parts = [shard_samples(items, r, 3) for r in range(3)]
+    assert all(len(p) == 3 for p in parts)  # 11 -> 9 usable, equal counts per rank
+    flat = sorted(x for p in parts for x in p)
+    assert len(set(flat)) == 9 and set(flat) <= set(items)
+    assert parts == [shard_samples(items, r, 3) for r in range(3)]
+    assert shard_samples(items, 0, 1) == items
+    with pytest.raises(ValueError):
+        shard_samples(items, 3, 3)
+
+
+def test_single_process_wrap_is_identity():
+    import paddle
+    layer = paddle.nn.Linear(2, 2)
+    opt = paddle.optimizer.SGD(parameters=layer.parameters())
+    m, o = wrap(layer, opt, DistEnv())
+    assert m is layer and o is opt and unwrap(m) is layer
+
+
+def test_stage2_refused_on_cpu(monkeypatch):
+    import paddle
+    from ppiad.utils import distributed
+    if distributed._has_accelerator():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
+        distributed.init("stage2")
+    layer = paddle.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="needs GPUs"):
+        wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), DistEnv(0, 2, "stage3"))
+
+
+def _launch(tmp_path, sharding):
+    out = tmp_path / sharding
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(out / "log"), os.path.abspath(__file__), "--worker", str(out), sharding]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    logs = ""
+    if (out / "log").is_dir():
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted((out / "log").iterdir()))
+    assert proc.returncode == 0, f"launch failed:\n{proc.stderr[-2000:]}\n{logs}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("sharding", ["none", "stage1"])
+def test_two_process_training_keeps_ranks_identical(tmp_path, sharding):
+    r0, r1 = _launch(tmp_path, sharding)
+    assert r0["data"] != r1["data"]  # each rank trained on its own slice
+    assert r0["initial"] != r0["final"]  # training moved the parameters
+    for name in r0["final"]:
+        np.testing.assert_allclose(r0["final"][name], r1["final"][name], rtol=0, atol=1e-7, err_msg=name)
+    assert r0["frozen_unchanged"] and r1["frozen_unchanged"]
+
+
+def _worker(out_dir, sharding):
+    import paddle
+    from ppiad.utils import distributed
+    from ppiad.utils.seed import seed_everything
+
+    env = distributed.init(sharding)
+    seed_everything(1234 + env.rank)  # different seeds on purpose: wrapping must synchronise the start
+
+    class Toy(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.base = paddle.nn.Linear(4, 4)
+            self.adapter = paddle.nn.Linear(4, 1)
+            self.base.weight.stop_gradient = True
+            self.base.bias.stop_gradient = True
+
+        def forward(self, x):
+            return self.adapter(paddle.tanh(self.base(x)))
+
+    model = Toy()
+    trainable = [p for p in model.parameters() if not p.stop_gradient]
+    opt = paddle.optimizer.AdamW(learning_rate=0.05, parameters=trainable,
+                                 grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    model, opt = distributed.wrap(model, opt, env)
+    frozen_before = unwrap(model).base.weight.numpy().copy()
+    initial = {n: p.numpy().tolist() for n, p in unwrap(model).named_parameters() if not p.stop_gradient}
+
+    rng = np.random.default_rng(0)  # the same global data on every rank; shard_samples splits it
+    data = [(rng.normal(size=4).astype("float32"), float(rng.normal())) for _ in range(16)]
+    mine = shard_samples(data, env.rank, env.world_size)
+    accum = 2
+    for step in range(2):
+        for micro in range(accum):
+            x, y = mine[step * accum + micro]
+            pred = model(paddle.to_tensor(x[None]))
+            loss = ((pred - y) ** 2).mean() / accum
+            loss.backward()
+        opt.step()
+        opt.clear_grad()
+
+    core = unwrap(model)
+    result = {
+        "data": [x.tolist() for x, _ in mine[:4]],
+        "initial": initial,
+        "final": {n: p.numpy().tolist() for n, p in core.named_parameters() if not p.stop_gradient},
+        "frozen_unchanged": bool(np.array_equal(frozen_before, core.base.weight.numpy())),
+    }
+    with open(os.path.join(out_dir, f"rank{env.rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3])
