@@ -96,7 +96,8 @@ def _report_md(metrics: dict, title: str, meta: dict) -> str:
         _confusion_md(metrics["overall"]),
     ]
     if cal:
-        parts += [f"## Calibrated: verdict P(A) >= {cal['threshold']:.6g}",
+        target = f" (target false-alarm rate {pct(cal['target_fpr'])} %)" if "target_fpr" in cal else ""
+        parts += [f"## Calibrated: verdict P(A) >= {cal['threshold']:.6g}{target}",
                   _per_category_md(cal), _confusion_md(cal["overall"])]
     return "\n\n".join(parts) + "\n"
 
