@@ -465,7 +465,11 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         b, t = ids.shape
         mask = np.ones_like(ids) if attention_mask is None else _as_numpy_int(attention_mask)
         grids = _as_numpy_int(image_grid_thw)
-        if grids is None or not (ids == self.config.image_token_id).any():
+        has_images = bool((ids == self.config.image_token_id).any())
+        if has_images and grids is None:
+            raise ValueError("input_ids hold image tokens: image_grid_thw is needed for their rotary positions "
+                             "(also when image_embeds are precomputed)")
+        if not has_images:
             if attention_mask is None:
                 pos = np.broadcast_to(np.arange(t), (3, b, t)).copy()
                 deltas = np.zeros((b, 1), np.int64)
