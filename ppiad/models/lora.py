@@ -114,10 +114,9 @@ def adapters_disabled(model: paddle.nn.Layer) -> Iterator[paddle.nn.Layer]:
     """Within the block the model computes the base (reference) policy: same weights, adapters off.
     The previous state of each layer is restored on exit, also after an exception."""
     layers = lora_layers(model)
-    merged = [n for n, l in layers.items() if l.merged]
-    if merged:
-        raise RuntimeError(f"adapters_disabled: adapters are merged into the weights ({merged[0]}, ...); "
-                           "a merged model cannot compute the reference policy")
+    if getattr(model, "_ppiad_lora_merged", False) or any(l.merged for l in layers.values()):
+        raise RuntimeError("adapters_disabled: the adapters are merged into the weights; a merged model "
+                           "cannot compute the reference policy")
     previous = {n: l.disable_lora for n, l in layers.items()}
     try:
         for layer in layers.values():
@@ -129,9 +128,23 @@ def adapters_disabled(model: paddle.nn.Layer) -> Iterator[paddle.nn.Layer]:
 
 
 def merge_adapter(model: paddle.nn.Layer) -> paddle.nn.Layer:
-    """Fold B A * scaling into each adapted weight (inference speed; no reference policy afterwards)."""
-    for layer in lora_layers(model).values():
+    """Fold (alpha / r) * A B into each adapted weight and put plain nn.Linear layers back (inference speed;
+    `save_pretrained` then writes a checkpoint of the base architecture). There is no reference policy
+    afterwards: `adapters_disabled` refuses a merged model."""
+    for name, layer in lora_layers(model).items():
         layer.merge()
+        parent = model
+        *path, last = name.split(".")
+        for part in path:
+            parent = getattr(parent, part)
+        plain = paddle.nn.Linear(layer.weight.shape[0], layer.weight.shape[1],
+                                 bias_attr=False if layer.bias is None else None)
+        plain.weight = layer.weight
+        if layer.bias is not None:
+            plain.bias = layer.bias
+        plain.training = layer.training
+        setattr(parent, last, plain)
+    object.__setattr__(model, "_ppiad_lora_merged", True)
     return model
 
 
@@ -151,10 +164,10 @@ def save_adapter(model: paddle.nn.Layer, directory: str) -> str:
     from safetensors.numpy import save_file
 
     layers = lora_layers(model)
+    if getattr(model, "_ppiad_lora_merged", False):
+        raise RuntimeError("save_adapter: the adapters are merged into the weights; save before merge_adapter")
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
-    if any(l.merged for l in layers.values()):
-        raise RuntimeError("save_adapter: adapters are merged into the weights; save before merge_adapter")
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = _to_numpy(layer.lora_A).T.copy()

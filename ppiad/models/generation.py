@@ -1,0 +1,392 @@
+"""Batched generation with a KV cache, G samples per prompt, per-token log-probs and the P(A) answer score.
+
+How one call runs (B prompts, G samples each, N = B*G rows, prompt-major: rows i*G .. i*G+G-1 = prompt i):
+1. the vision tower runs once for the B prompts' images (`model.get_image_embeds`);
+2. the prompt prefill runs once on the B left-padded prompts (explicit multimodal rotary positions from
+   `model.get_rope_index`); its KV cache, last logits, attention mask and rope deltas are then repeated
+   G times on the batch axis (repeat_interleave), so the G samples of a prompt share one prefill;
+3. decode steps feed one token per row; the position of the token at padded index k is k + rope_delta
+   (as in the reference implementation), so a teacher-forced forward over prompt + completion sees the
+   very same positions (`completion_logprobs` relies on this);
+4. <|image_pad|> and <|video_pad|> are never chosen (their logits are masked before the choice; log-probs
+   stay those of the full distribution, as `completion_logprobs` computes them);
+5. a row stops after emitting one of `eos_token_ids`; later tokens of that row are `pad_token_id` with
+   mask 0 and log-prob 0. The loop ends when every row has stopped or after `max_new_tokens`.
+
+Answer score (P(A) at the answer position): the decision token is the one right after the text
+"<answer" in the completion. Qwen2's byte-level BPE merges ">A" into one token (`<answer>A` tokenizes as
+"<", "answer", ">A"), a smaller tokenizer may emit ">" then "A": both are handled from the decoded text.
+- If a token boundary falls right after "<answer>", the decision token is there and the score is
+  P("A") / (P("A") + P("B")) from that step's logits.
+- Else, if a boundary falls right after "<answer" and the tokenizer has ">A"/">B" tokens, the score is
+  P(">A") / (P(">A") + P(">B")) at that step.
+- The last such position in the completion counts (the same block the lenient reader looks at).
+- A completion without one (truncated reasoning, wrong format) gets a *forced* score: one extra forward
+  over prompt + completion (stop token removed) + the tokens of "<answer" (merged tokenizers) or
+  "<answer>" (others), reading the same ratio at the end. Every image thus has a score for AUROC/AP;
+  `force_answer_score=False` gives NaN instead. Probabilities use temperature-1 logits.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+ANSWER_OPEN = "<answer"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answer tokens
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class AnswerTokens:
+    """Token ids needed to read P(A) vs P(B) at the answer position (see the module docstring)."""
+
+    split_ids: tuple[int, int]                 # "A", "B"
+    merged_ids: Optional[tuple[int, int]]      # ">A", ">B" when the vocabulary has them, else None
+    open_ids: list[int]                        # tokens of "<answer" (forced score, merged tokenizers)
+    close_ids: list[int]                       # tokens of ">" (forced score, split tokenizers)
+    pieces: dict = field(default_factory=dict, repr=False)   # id -> decoded text, filled lazily
+    tokenizer: object = field(default=None, repr=False)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "AnswerTokens":
+        a, b = tokenizer.token_to_id("A"), tokenizer.token_to_id("B")
+        if a is None or b is None:
+            raise ValueError("the tokenizer has no single tokens 'A' and 'B'; cannot score answers")
+        ma, mb = tokenizer.token_to_id(">A"), tokenizer.token_to_id(">B")
+        merged = (ma, mb) if ma is not None and mb is not None else None
+        return cls((a, b), merged, list(tokenizer.encode(ANSWER_OPEN)), list(tokenizer.encode(">")),
+                   tokenizer=tokenizer)
+
+    @property
+    def candidate_ids(self) -> list[int]:
+        """Vocabulary columns whose logits are kept at every step: [A, B] (+ [>A, >B])."""
+        return list(self.split_ids) + (list(self.merged_ids) if self.merged_ids else [])
+
+    def piece(self, token_id: int) -> str:
+        if token_id not in self.pieces:
+            self.pieces[token_id] = self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        return self.pieces[token_id]
+
+    def find_decision(self, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """(step index, which pair: 0 = split A/B, 1 = merged >A/>B) of the last answer decision, or None."""
+        starts, text = [], ""
+        for t in tokens:
+            starts.append(len(text))
+            text += self.piece(t)
+        boundary = {s: i for i, s in enumerate(starts)}
+        pos = text.rfind(ANSWER_OPEN)
+        while pos >= 0:
+            end = pos + len(ANSWER_OPEN)
+            if text.startswith(">", end) and end + 1 in boundary:
+                return boundary[end + 1], 0
+            if self.merged_ids and end in boundary and self.piece(tokens[boundary[end]])[:1] == ">":
+                return boundary[end], 1
+            pos = text.rfind(ANSWER_OPEN, 0, pos)
+        return None
+
+
+def _p_a(logit_a: float, logit_b: float) -> float:
+    m = max(logit_a, logit_b)
+    ea, eb = math.exp(logit_a - m), math.exp(logit_b - m)
+    return ea / (ea + eb)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    sequences: paddle.Tensor          # int64 [N, T] completion tokens, pad after the stop token
+    completion_mask: paddle.Tensor    # float32 [N, T] 1 up to and including the stop token
+    logprobs: paddle.Tensor           # float32 [N, T] log p(chosen token), temperature-1, 0 where masked
+    answer_scores: paddle.Tensor      # float32 [N] P(A) / (P(A) + P(B)) at the answer position (or NaN)
+    prompt_index: list[int]           # row -> prompt index
+    image_embeds: Optional[paddle.Tensor]  # per-prompt vision embeddings, reusable by completion_logprobs
+    texts: list[str]                  # decoded completions without the stop token ([] without a tokenizer)
+    forced_score: list[bool] = field(default_factory=list)  # row's score came from the extra forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+def _cfg(obj, name, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _images_per_prompt(model, input_ids: paddle.Tensor) -> list[int]:
+    """Images in each prompt row = count of <|vision_start|> tokens (one per image)."""
+    start = _cfg(model.config, "vision_start_token_id")
+    return (input_ids == start).astype("int64").sum(axis=1).numpy().tolist()
+
+
+def _tokens_per_image(model, image_grid_thw: paddle.Tensor) -> list[int]:
+    merge = _cfg(_cfg(model.config, "vision_config"), "spatial_merge_size", 2)
+    thw = image_grid_thw.numpy()
+    return [int(t * h * w) // (merge * merge) for t, h, w in thw]
+
+
+def expand_image_inputs(model, input_ids, image_grid_thw, image_embeds, rows: Sequence[int]):
+    """image_grid_thw / image_embeds for a batch whose row j is prompt `rows[j]` (rows may repeat)."""
+    if image_embeds is None or image_grid_thw is None:
+        return image_grid_thw, image_embeds
+    per_prompt = _images_per_prompt(model, input_ids)
+    n_tokens = _tokens_per_image(model, image_grid_thw)
+    if sum(per_prompt) != len(n_tokens) or sum(n_tokens) != image_embeds.shape[0]:
+        raise ValueError(f"image inputs do not match the prompts: {sum(per_prompt)} <|vision_start|> tokens, "
+                         f"{len(n_tokens)} image grids, {sum(n_tokens)} expected image tokens, "
+                         f"{image_embeds.shape[0]} embeddings")
+    first_image = np.concatenate([[0], np.cumsum(per_prompt)]).astype(int)
+    first_token = np.concatenate([[0], np.cumsum(n_tokens)]).astype(int)
+    grid_idx, token_chunks = [], []
+    for p in rows:
+        for img in range(first_image[p], first_image[p + 1]):
+            grid_idx.append(img)
+            token_chunks.append(image_embeds[int(first_token[img]):int(first_token[img + 1])])
+    if not grid_idx:
+        return None, None
+    grid = paddle.gather(image_grid_thw, paddle.to_tensor(grid_idx, dtype="int64"), axis=0)
+    return grid, paddle.concat(token_chunks, axis=0)
+
+
+def _repeat_rows(x, g: int):
+    return x if x is None or g == 1 else paddle.repeat_interleave(x, g, axis=0)
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Generation never uses dropout; the caller's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+@contextmanager
+def _seeded(seed: Optional[int]) -> Iterator[None]:
+    """A fixed seed for this call only: the global RNG state is put back afterwards."""
+    if seed is None:
+        yield
+        return
+    state = paddle.get_rng_state()
+    paddle.seed(seed)
+    try:
+        yield
+    finally:
+        paddle.set_rng_state(state)
+
+
+def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> paddle.Tensor:
+    """Next token per row from float32 logits [N, V]."""
+    if not do_sample:
+        return paddle.argmax(logits, axis=-1)
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k and top_k > 0 and top_k < scores.shape[-1]:
+        kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
+        scores = paddle.where(scores < kth, paddle.full_like(scores, -float("inf")), scores)
+    if top_p < 1.0:
+        sorted_scores, order = paddle.topk(scores, scores.shape[-1], axis=-1)  # descending
+        probs = F.softmax(sorted_scores, axis=-1)
+        drop = (paddle.cumsum(probs, axis=-1) - probs) > top_p  # keeps at least the top token
+        sorted_scores = paddle.where(drop, paddle.full_like(sorted_scores, -float("inf")), sorted_scores)
+        choice = paddle.multinomial(F.softmax(sorted_scores, axis=-1), 1)
+        return paddle.take_along_axis(order, choice, axis=-1)[:, 0]
+    return paddle.multinomial(F.softmax(scores, axis=-1), 1)[:, 0]
+
+
+def _banned_ids(model) -> paddle.Tensor:
+    """[1, V] bool: <|image_pad|> / <|video_pad|> are never generated. A completion holding one could not be
+    re-read by the teacher-forced forward (it would be taken for an image slot)."""
+    vocab = _cfg(model.config, "vocab_size")
+    mask = np.zeros([1, vocab], dtype=bool)
+    for name in ("image_token_id", "video_token_id"):
+        tid = _cfg(model.config, name)
+        if tid is not None and 0 <= tid < vocab:
+            mask[0, tid] = True
+    return paddle.to_tensor(mask)
+
+
+def _last_logits(out) -> paddle.Tensor:
+    return out.logits[:, -1, :].astype("float32")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------
+def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int = 256, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int],
+             answer_token_ids: Optional[AnswerTokens] = None, seed: Optional[int] = None, tokenizer=None,
+             pad_token_id: Optional[int] = None, force_answer_score: bool = True,
+             image_embeds: Optional[paddle.Tensor] = None) -> GenerationResult:
+    """Generate `num_samples` completions per prompt (see the module docstring for the details).
+
+    `inputs`: the processor's dict (input_ids, attention_mask left padded, pixel_values, image_grid_thw).
+    `tokenizer` (optional) decodes `texts` and, when `answer_token_ids` is None, provides the answer tokens;
+    without either, answer scores are NaN. `image_embeds` skips the vision tower when already computed.
+    """
+    if not eos_token_ids:
+        raise ValueError("generate: eos_token_ids is empty; pass the processor's eos_token_ids")
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"generate: num_samples and max_new_tokens must be >= 1, got {num_samples}, "
+                         f"{max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if answer_token_ids is None and tokenizer is not None:
+        answer_token_ids = AnswerTokens.from_tokenizer(tokenizer)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = eos_token_ids[0] if pad_token_id is None else pad_token_id
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = paddle.ones_like(input_ids)
+    grid = inputs.get("image_grid_thw")
+    g = num_samples
+    b, t_prompt = input_ids.shape
+    with paddle.no_grad(), _eval_mode(model), _seeded(seed):
+        if image_embeds is None and inputs.get("pixel_values") is not None:
+            image_embeds = model.get_image_embeds(inputs["pixel_values"], grid)   # once for all prompts
+        position_ids, rope_deltas = model.get_rope_index(input_ids, grid, attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+                    image_grid_thw=grid, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        # Share the prefill among the G samples of each prompt.
+        cache = [(_repeat_rows(k, g), _repeat_rows(v, g)) for k, v in out.past_key_values]
+        logits = _repeat_rows(_last_logits(out), g)
+        mask = _repeat_rows(attention_mask.astype("int64"), g)
+        deltas = _repeat_rows(rope_deltas.reshape([b, 1]).astype("int64"), g)
+        del out
+
+        n = b * g
+        eos = paddle.to_tensor(list(eos_token_ids), dtype="int64")
+        cand = paddle.to_tensor(answer_token_ids.candidate_ids, dtype="int64") if answer_token_ids else None
+        pad = paddle.full([n], pad_token_id, dtype="int64")
+        zero = paddle.zeros([n], dtype="float32")
+        finished = paddle.zeros([n], dtype="bool")
+        tokens, logps, valid, cand_logits = [], [], [], []
+        banned = _banned_ids(model)
+        for step in range(max_new_tokens):
+            nxt = _pick(paddle.where(banned, paddle.full_like(logits, -float("inf")), logits),
+                        do_sample, temperature, top_p, top_k)
+            logp = paddle.take_along_axis(F.log_softmax(logits, axis=-1), nxt.unsqueeze(-1), axis=-1)[:, 0]
+            nxt = paddle.where(finished, pad, nxt)
+            tokens.append(nxt)
+            logps.append(paddle.where(finished, zero, logp))
+            valid.append(paddle.logical_not(finished))
+            if cand is not None:
+                cand_logits.append(paddle.index_select(logits, cand, axis=1))
+            finished = paddle.logical_or(finished, (nxt.unsqueeze(-1) == eos.unsqueeze(0)).any(axis=-1))
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask = paddle.concat([mask, valid[-1].astype("int64").unsqueeze(-1)], axis=1)
+            pos = (deltas + (t_prompt + step)).unsqueeze(0).expand([3, n, 1])
+            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            logits = _last_logits(out)
+            del out
+        del cache
+        sequences = paddle.stack(tokens, axis=1)
+        completion_mask = paddle.stack(valid, axis=1).astype("float32")
+        logprobs = paddle.stack(logps, axis=1)
+
+        seq_np = sequences.numpy()
+        lengths = completion_mask.numpy().sum(axis=1).astype(int)
+        eos_set = set(int(e) for e in eos_token_ids)
+        bodies = [[int(x) for x in seq_np[r, :lengths[r]]] for r in range(n)]
+        bodies = [row[:-1] if row and row[-1] in eos_set else row for row in bodies]   # drop the stop token
+        scores = np.full([n], np.nan, dtype=np.float32)
+        forced = [False] * n
+        if answer_token_ids is not None:
+            cand_np = paddle.stack(cand_logits, axis=1).numpy()    # [N, T, 2 or 4]
+            missing = []
+            for r in range(n):
+                hit = answer_token_ids.find_decision(bodies[r])
+                if hit is None:
+                    missing.append(r)
+                    continue
+                step, pair = hit
+                scores[r] = _p_a(*cand_np[r, step, 2 * pair:2 * pair + 2])
+            if missing and force_answer_score:
+                rows = [r // g for r in missing]
+                scores[missing] = _forced_scores(model, input_ids, attention_mask, grid, image_embeds, rows,
+                                                 [bodies[r] for r in missing], answer_token_ids, pad_token_id)
+                for r in missing:
+                    forced[r] = True
+        texts = [tokenizer.decode(body, skip_special_tokens=False) for body in bodies] if tokenizer else []
+    return GenerationResult(sequences=sequences, completion_mask=completion_mask, logprobs=logprobs,
+                            answer_scores=paddle.to_tensor(scores), prompt_index=[r // g for r in range(n)],
+                            image_embeds=image_embeds, texts=texts, forced_score=forced)
+
+
+def _forced_scores(model, input_ids, attention_mask, grid, image_embeds, rows, bodies, answer: AnswerTokens,
+                   pad_token_id) -> np.ndarray:
+    """P(A) after appending the answer opener to each truncated completion: one batched forward."""
+    ids_np, mask_np = input_ids.numpy(), attention_mask.numpy()
+    if answer.merged_ids:
+        suffix, pair = answer.open_ids, answer.merged_ids
+    else:
+        suffix, pair = answer.open_ids + answer.close_ids, answer.split_ids
+    seqs = [[int(x) for x in ids_np[p][mask_np[p] == 1]] + body + suffix for p, body in zip(rows, bodies)]
+    width = max(len(s) for s in seqs)
+    ids = np.full([len(seqs), width], pad_token_id, dtype=np.int64)
+    mask = np.zeros([len(seqs), width], dtype=np.int64)
+    for i, s in enumerate(seqs):   # left padding, as in the prompts
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    ids_t, mask_t = paddle.to_tensor(ids), paddle.to_tensor(mask)
+    grid_r, embeds_r = expand_image_inputs(model, input_ids, grid, image_embeds, rows)
+    position_ids, _ = model.get_rope_index(ids_t, grid_r, mask_t)
+    out = model(input_ids=ids_t, attention_mask=mask_t, image_embeds=embeds_r, image_grid_thw=grid_r,
+                position_ids=position_ids, logits_to_keep=1)
+    last = _last_logits(out).numpy()
+    return np.array([_p_a(last[i, pair[0]], last[i, pair[1]]) for i in range(len(seqs))], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher-forced log-probs (GRPO update and reference policy)
+# ---------------------------------------------------------------------------------------------------------
+def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completion_mask: paddle.Tensor,
+                        num_samples: int, image_embeds: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """log p(sequences[r, j] | prompt, sequences[r, :j]) for every row, [N, T] float32, 0 where the mask is 0.
+
+    One forward over prompt (repeated G times) + completion, with gradients when enabled. Pass
+    `image_embeds` from the GenerationResult to skip the vision tower (computed once, then repeated for
+    the G rows of each prompt). Runs in the model's current train/eval mode: call it under
+    `adapters_disabled(model)` for the reference policy.
+    """
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = paddle.ones_like(input_ids)
+    grid = inputs.get("image_grid_thw")
+    b, t_prompt = input_ids.shape
+    n, t = sequences.shape
+    if n != b * num_samples:
+        raise ValueError(f"completion_logprobs: {n} sequences for {b} prompts x {num_samples} samples")
+    if image_embeds is None and inputs.get("pixel_values") is not None:
+        image_embeds = model.get_image_embeds(inputs["pixel_values"], grid)
+    rows = [r // num_samples for r in range(n)]
+    grid_r, embeds_r = expand_image_inputs(model, input_ids, grid, image_embeds, rows)
+    full_ids = paddle.concat([_repeat_rows(input_ids, num_samples), sequences.astype(input_ids.dtype)], axis=1)
+    full_mask = paddle.concat([_repeat_rows(attention_mask.astype("int64"), num_samples),
+                               completion_mask.astype("int64")], axis=1)
+    position_ids, _ = model.get_rope_index(full_ids, grid_r, full_mask)
+    out = model(input_ids=full_ids, attention_mask=full_mask, image_embeds=embeds_r, image_grid_thw=grid_r,
+                position_ids=position_ids, logits_to_keep=t + 1)
+    # Logits at position i predict token i + 1: the completion is predicted from t_prompt - 1 on, i.e. by
+    # the first t of the last t + 1 positions (the prompt's vocabulary projection is never computed).
+    logits = out.logits[:, :t, :].astype("float32")
+    chosen = paddle.take_along_axis(logits, sequences.astype("int64").unsqueeze(-1), axis=-1)[..., 0]
+    logp = chosen - paddle.logsumexp(logits, axis=-1)
+    return logp * completion_mask.astype("float32")
