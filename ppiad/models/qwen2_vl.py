@@ -560,8 +560,11 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
-            loss = F.cross_entropy(logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]]),
-                                   labels[:, 1:].reshape([-1, 1]).astype("int64"), ignore_index=-100)
+            target = labels[:, 1:].reshape([-1, 1]).astype("int64")
+            per_token = F.cross_entropy(logits[:, :-1].astype("float32").reshape([-1, logits.shape[-1]]), target,
+                                        ignore_index=-100, reduction="none")
+            # Paddle's reduction="mean" divides by all tokens, ignored ones included: average over kept ones
+            loss = per_token.sum() / paddle.clip((target != -100).astype("float32").sum(), min=1.0)
         return Qwen2VLOutput(logits=logits, loss=loss, past_key_values=presents, rope_deltas=rope_deltas,
                              hidden_states=hidden)
 
