@@ -110,6 +110,13 @@ def _jitter(rng, colour, amount=0.05) -> np.ndarray:
     return np.clip(np.asarray(colour, np.float32) + rng.normal(0, amount, 3).astype(np.float32), 0, 1)
 
 
+def _contrasting(img, mask) -> tuple:
+    """Near-white or near-black, whichever stands out more from what the mask covers (scratches)."""
+    w = mask.sum()
+    under = float((img.mean(axis=2) * mask).sum() / w) if w > 0 else float(img.mean())
+    return (0.06, 0.05, 0.05) if under > 0.5 else (0.98, 0.97, 0.93)
+
+
 def _surface_defect(img, defect_type, rng, X, Y, size, region=(0.22, 0.78), within=None):
     """Hole / stain / scratch / crack on a surface; `within` limits it to an object's mask."""
     cx, cy = rng.uniform(*region, 2)
@@ -128,7 +135,7 @@ def _surface_defect(img, defect_type, rng, X, Y, size, region=(0.22, 0.78), with
     if defect_type == "scratch":
         pts = _centred_line(rng, cx, cy, rng.uniform(0.3, 0.5))
         m = _polyline(X, Y, pts, rng.uniform(2.0, 3.0), size)
-        colour = (0.97, 0.96, 0.92) if rng.uniform() < 0.5 else (0.08, 0.07, 0.06)
+        colour = _contrasting(img, m)
     elif defect_type == "crack":
         a = rng.uniform(0, TAU)
         length = rng.uniform(0.3, 0.45)
@@ -221,7 +228,7 @@ def _washer(rng, defect_type, X, Y, size):
     if defect_type == "scratch":
         px, py = cx + mid * np.cos(a), cy + mid * np.sin(a)
         m = _polyline(X, Y, _centred_line(rng, px, py, rng.uniform(0.3, 0.42), a + np.pi / 2), 2.5, size) * ring
-        return _paint(img, m, (0.06, 0.05, 0.05) if rng.uniform() < 0.5 else (1.0, 1.0, 0.98)), m
+        return _paint(img, m, _contrasting(img, m)), m
     if defect_type == "stain":
         m = _blob(X, Y, cx + mid * np.cos(a), cy + mid * np.sin(a), rng.uniform(0.11, 0.14), rng, size) * ring
         return _tint(img, m, (0.55, 0.3, 0.1), 0.85), m
