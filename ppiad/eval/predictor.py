@@ -112,9 +112,9 @@ class ModelPredictor:
 
     def _answer_token_ids(self):
         if self._answer_tokens is None:
-            from ppiad.models import generation
+            from ppiad.models.generation import AnswerTokens
 
-            self._answer_tokens = generation.answer_tokens_for(self.processor.tokenizer)
+            self._answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
         return self._answer_tokens
 
     def predict(self, images: Sequence[Image.Image], object_names: Sequence[str]) -> list[Prediction]:
@@ -131,7 +131,8 @@ class ModelPredictor:
             result = generate(self.model, inputs, num_samples=1, max_new_tokens=self.max_new_tokens,
                               do_sample=self.do_sample, temperature=self.temperature,
                               eos_token_ids=self.processor.eos_token_ids,
-                              answer_token_ids=self._answer_token_ids(), seed=self.seed)
+                              answer_token_ids=self._answer_token_ids(), seed=self.seed,
+                              tokenizer=self.processor.tokenizer)
         scores = _to_list(result.answer_scores)
         return [prediction_from_text(text, score) for text, score in zip(result.texts, scores)]
 
