@@ -72,8 +72,8 @@ def test_annotations(tree):
         if r["label"] == DEFECT:
             x0, y0, x1, y1 = r["bbox"]
             assert 0 <= x0 < x1 <= 112 and 0 <= y0 < y1 <= 112
-            assert r["path"].split("/")[2] == r["defect_type"] and r["category"] in r["description"].replace(
-                " ", "_") or r["category"].replace("_", " ") in r["description"]
+            assert r["path"].split("/")[1:3] == ["test", r["defect_type"]]
+            assert f"of the {r['category'].replace('_', ' ')}" in r["description"]
         else:
             assert r["bbox"] is None and "no defect" in r["description"]
 
