@@ -257,3 +257,12 @@ def test_parity_encode_decode(proc, parity):
         assert tok.encode(text) == ids
         assert tok.decode(ids) == dec == text
         assert tok.decode(ids, skip_special_tokens=True) == dec_skip
+
+
+def test_decode_accepts_paddle_and_numpy_ids(proc):
+    import paddle
+
+    text = "<think>ok</think> <answer>B</answer>"
+    ids = proc.tokenizer.encode(text)
+    assert proc.tokenizer.decode(paddle.to_tensor(ids)) == text
+    assert proc.batch_decode(np.asarray([ids, ids])) == [text, text]

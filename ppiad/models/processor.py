@@ -1,9 +1,9 @@
 """Qwen2-VL inputs: image preprocessing, chat template and tokenisation, batched with left padding.
 
 Matches transformers 4.51.3's `Qwen2VLProcessor` + `Qwen2VLImageProcessor` (the parity test checks ids and
-pixel values against it). Deliberate differences, both where the reference would fail:
+pixel values against it; they are bit-equal). Deliberate differences, where the reference fails or misreads:
 - images with a side under 28 px are upscaled by the same smart-resize formula instead of being rejected;
-- a side that the max-pixels downscale would round to 0 is kept at one 28 px unit.
+- a side that the max-pixels downscale would round to 0 is kept at one 28 px unit;
 - `size` in preprocessor_config.json is honoured when `min_pixels` / `max_pixels` are absent (4.51.3 ignores
   it and falls back to its built-in defaults).
 """

@@ -78,9 +78,16 @@ class QwenTokenizer:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """ids: a list, numpy array or paddle tensor of token ids (1-D)."""
+        if hasattr(ids, "numpy"):  # paddle tensor
+            ids = ids.numpy()
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        if hasattr(rows, "numpy"):
+            rows = rows.numpy()
         return [self.decode(r, skip_special_tokens=skip_special_tokens) for r in rows]
 
     def token_to_id(self, token: str) -> int:
