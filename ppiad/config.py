@@ -137,6 +137,8 @@ SCHEMA: dict = {
         "calibrate": Field(False, bool, "also report figures at a P(A) threshold meeting target_fpr"),
         "target_fpr": Field(0.05, float, "target false-alarm rate on normal images for calibration"),
         "max_images": Field(-1, int, "evaluate at most this many images (-1 = all)"),
+        "threshold": Field(-1.0, float, "fixed P(A) threshold: verdict defect when P(A) >= threshold (e.g. the "
+                           "'calibrated.threshold' of an eval on held-out normals); -1 = the model's A/B answer"),
     },
 }
 

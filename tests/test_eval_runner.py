@@ -201,3 +201,15 @@ def test_two_processes_split_the_work_and_rank0_merges(tmp_path):
     assert len(recs) == 10 and len({r["path"] for r in recs}) == 10
     assert not [f for f in os.listdir(out) if f.startswith("predictions.rank")]
     assert json.load(open(os.path.join(out, "metrics.json")))["overall"]["n"] == 10
+
+
+def test_fixed_threshold_from_elsewhere(tmp_path):
+    samples = make_dataset(str(tmp_path / "data"), n_per_cat=10, defects_per_cat=3)
+    out = str(tmp_path / "out")
+    metrics = run_evaluation(samples, CountingPredictor(), out, threshold=0.99, progress=False)
+    cal = metrics["calibrated"]
+    assert cal["fixed"] and cal["threshold"] == 0.99
+    assert cal["overall"]["recall"]["defect"] == 0.0 and cal["fpr"] == 0.0  # nothing is that dark
+    assert "fixed beforehand" in open(os.path.join(out, "report.md")).read()
+    with pytest.raises(ValueError, match="not both"):
+        run_evaluation(samples, CountingPredictor(), out, calibrate=True, threshold=0.5, progress=False)

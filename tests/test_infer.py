@@ -225,3 +225,14 @@ def test_huge_and_tiny_images_reach_the_predictor_unchanged(tmp_path, cfg_file):
     assert strip.size == (5000, 25) and max(strip.size) / min(strip.size) <= 200
     same = Image.new("RGB", (50, 40))
     assert fit_aspect(same) is same
+
+
+def test_fixed_threshold_overrides_the_letter(tmp_path, cfg_file, capsys):
+    img = _png(tmp_path / "dark.png", value=30)  # the fake answers A with P(A) = 0.9
+    code, _ = run(["-c", cfg_file, "-o", "eval.threshold=0.95", "--image", img, "--object", "pill"])
+    assert code == 0 and "verdict: normal (P(defect) < threshold 0.9500)" in capsys.readouterr().out
+    code, _ = run(["-c", cfg_file, "-o", "eval.threshold=0.5", "--image_dir", str(tmp_path), "--json"])
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert code == 0 and line["verdict"] == "defect" and line["threshold"] == 0.5 and line["answer"] == "A"
+    code, _ = run(["-c", cfg_file, "-o", "eval.threshold=5", "--image", img, "--object", "pill"])
+    assert code == 2 and "probability" in capsys.readouterr().err

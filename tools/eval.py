@@ -56,6 +56,13 @@ def run(args, cfg, predictor_factory) -> int:
         raise ConfigError(f"config key 'eval.batch_size' must be positive, got {cfg.eval.batch_size}")
     if not 0.0 <= cfg.eval.target_fpr <= 1.0:
         raise ConfigError(f"config key 'eval.target_fpr' must be in [0, 1], got {cfg.eval.target_fpr}")
+    calibrate = args.calibrate or cfg.eval.calibrate
+    threshold = cfg.eval.threshold if cfg.eval.threshold >= 0 else None
+    if calibrate and threshold is not None:
+        raise ConfigError("eval.threshold is set and calibration was asked for: use one (calibrate fits a "
+                          "threshold on this data; eval.threshold applies one fitted elsewhere)")
+    if threshold is not None and threshold > 1:
+        raise ConfigError(f"config key 'eval.threshold' is a probability in [0, 1] (or -1 = off), got {threshold}")
     samples = build_dataset(part, cfg.data.object_names)
     if not samples:
         raise UsageError(f"data.eval: no images in {part.dataset} '{part.root}' (split {part.split})")
@@ -74,8 +81,8 @@ def run(args, cfg, predictor_factory) -> int:
     name = os.path.basename(os.path.normpath(cfg.model.adapter or model_path))
     title = f"{name} on {part.dataset} ({part.split})"
     metrics = run_evaluation(samples, predictor, out_dir, batch_size=cfg.eval.batch_size, meta=meta,
-                             max_images=cfg.eval.max_images, calibrate=args.calibrate or cfg.eval.calibrate,
-                             target_fpr=cfg.eval.target_fpr, title=title, progress=not args.no_progress,
+                             max_images=cfg.eval.max_images, calibrate=calibrate,
+                             target_fpr=cfg.eval.target_fpr, threshold=threshold, title=title, progress=not args.no_progress,
                              num_workers=cfg.data.num_workers)
     if metrics is not None:
         o = metrics["overall"]
@@ -87,7 +94,8 @@ def run(args, cfg, predictor_factory) -> int:
         cal = metrics.get("calibrated")
         if cal and cal.get("threshold") is not None:
             c = cal["overall"]
-            print(f"calibrated (P(A) >= {cal['threshold']:.4f}, false alarms {100 * cal['fpr']:.2f}%): "
+            kind = "fixed threshold" if cal.get("fixed") else "calibrated"
+            print(f"{kind} (P(A) >= {cal['threshold']:.4f}, false alarms {100 * (cal['fpr'] or 0):.2f}%): "
                   f"accuracy {100 * c['accuracy']:.2f}  F1-macro {100 * c['f1_macro']:.2f}  "
                   f"defect recall {100 * c['recall']['defect']:.2f}")
         print(f"report: {os.path.join(out_dir, 'report.md')}")

@@ -63,12 +63,19 @@ def _vis_path(out_dir: str, image_path: str, used: set[str]) -> str:
     return os.path.join(out_dir, name)
 
 
-def _result(path: str, obj: str, pred=None, error: str | None = None) -> dict:
+def _result(path: str, obj: str, pred=None, error: str | None = None, threshold: float | None = None) -> dict:
     if pred is None:
         return {"path": path, "object": obj, "verdict": None, "answer": None, "p_defect": None, "think": None,
                 "completion": None, "valid_format": False, "error": error}
-    return {"path": path, "object": obj, "verdict": pred.verdict, "answer": pred.answer, "p_defect": pred.score,
-            "think": pred.think, "completion": pred.completion, "valid_format": pred.valid_format, "error": None}
+    verdict = pred.verdict
+    if threshold is not None and pred.score is not None:
+        # A threshold calibrated for a false-alarm budget overrides the generated letter.
+        verdict = "defect" if pred.score >= threshold else "normal"
+    res = {"path": path, "object": obj, "verdict": verdict, "answer": pred.answer, "p_defect": pred.score,
+           "think": pred.think, "completion": pred.completion, "valid_format": pred.valid_format, "error": None}
+    if threshold is not None:
+        res["threshold"] = threshold
+    return res
 
 
 def _format_text(res: dict, single: bool) -> str:
@@ -76,6 +83,8 @@ def _format_text(res: dict, single: bool) -> str:
         return f"{res['path']}: error: {res['error']}"
     score = "n/a" if res["p_defect"] is None else f"{res['p_defect']:.3f}"
     verdict = res["verdict"] if res["verdict"] != "unknown" else "unknown (no valid <answer> in the output)"
+    if "threshold" in res and res["p_defect"] is not None:
+        verdict += f" (P(defect) {'>=' if res['verdict'] == 'defect' else '<'} threshold {res['threshold']:.4f})"
     reasoning = res["think"] if res["think"] is not None else (res["completion"] or "").strip()
     if single:
         return (f"image: {res['path']}\nobject: {res['object']}\nverdict: {verdict}\nP(defect): {score}\n"
@@ -103,6 +112,9 @@ def run(args, cfg, predictor_factory) -> int:
     else:
         paths, skipped = _list_folder(args.image_dir)
         obj = _object_name(cfg, args.object or os.path.basename(os.path.normpath(args.image_dir)))
+    threshold = cfg.eval.threshold if cfg.eval.threshold >= 0 else None
+    if threshold is not None and threshold > 1:
+        raise UsageError(f"eval.threshold is a probability in [0, 1] (or -1 = off), got {threshold}")
     batch_size = args.batch_size or cfg.eval.batch_size
     if batch_size <= 0:
         raise UsageError(f"batch size must be positive, got {batch_size}")
@@ -128,7 +140,7 @@ def run(args, cfg, predictor_factory) -> int:
         ok = [p for p in batch if p in images]
         preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok)))) if ok else {}
         for p in batch:
-            res = _result(p, obj, preds.get(p), errors.get(p))
+            res = _result(p, obj, preds.get(p), errors.get(p), threshold)
             counts["unreadable" if res["error"] else res["verdict"]] += 1
             line = json.dumps(res, ensure_ascii=False) if args.json else _format_text(res, single)
             bar.write(line, file=out)
@@ -137,7 +149,7 @@ def run(args, cfg, predictor_factory) -> int:
                 pred = preds[p]
                 from ppiad.vis.draw import save_verdict
 
-                save_verdict(_vis_path(args.save_vis, p, used_names), images[p], pred.verdict, pred.score,
+                save_verdict(_vis_path(args.save_vis, p, used_names), images[p], res["verdict"], pred.score,
                              pred.think if pred.think is not None else pred.completion,
                              title=f"{os.path.basename(p)} ({obj})")
         bar.update(len(batch))

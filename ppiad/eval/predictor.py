@@ -94,7 +94,7 @@ class ModelPredictor:
         from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle)
+            path, dtype=_inference_dtype(cfg.model.dtype), allow_pickle=cfg.model.allow_pickle)
         if adapter:
             from ppiad.models.lora import load_adapter, merge_adapter
 
@@ -135,6 +135,18 @@ class ModelPredictor:
                               tokenizer=self.processor.tokenizer)
         scores = _to_list(result.answer_scores)
         return [prediction_from_text(text, score) for text, score in zip(result.texts, scores)]
+
+
+def _inference_dtype(dtype: str) -> str:
+    """bfloat16 needs a GPU: Paddle's CPU build has no bf16 matmul kernels, so fall back to float32 there."""
+    import paddle
+
+    if dtype == "bfloat16" and not (paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0):
+        import sys
+
+        print("note: model.dtype=bfloat16 needs a GPU; running in float32 on this CPU", file=sys.stderr)
+        return "float32"
+    return dtype
 
 
 def _to_list(x) -> list:

@@ -174,20 +174,37 @@ def calibrated_metrics(records: list[dict], target_fpr: float) -> dict:
             "n_scored": len(scored), "overall": cal["overall"], "per_category": cal["per_category"]}
 
 
+def fixed_threshold_metrics(records: list[dict], threshold: float) -> dict:
+    """Figures with the verdict P(A) >= a threshold chosen elsewhere (cfg.eval.threshold)."""
+    from ppiad.eval.metrics import evaluate
+
+    if not any(r.get("score") is not None for r in records):
+        return {"threshold": None, "note": "no P(A) scores in the predictions"}
+    cal = evaluate(records, threshold=threshold)["calibrated"]
+    (tn, fp), _ = cal["overall"]["confusion"]
+    return {"threshold": float(threshold), "fixed": True, "fpr": fp / (tn + fp) if tn + fp else None,
+            "n_scored": cal["overall"]["n_scored"], "overall": cal["overall"], "per_category": cal["per_category"]}
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
 def calibrated_markdown(cal: dict) -> str:
     """The report.md section for the calibrated threshold, beside the plain A/B table."""
-    lines = ["", "## False alarms vs. missed defects: A/B answer and calibrated threshold", ""]
+    lines = ["", "## False alarms vs. missed defects: A/B answer and threshold on P(A)", ""]
     if cal.get("threshold") is None:
         return "\n".join(lines + [f"Not computed: {cal.get('note', 'no scores')}.", ""])
     o = cal["overall"]
     recall = (o.get("recall") or {}).get("defect")
-    lines += [f"Verdict = defect when P(A) >= {cal['threshold']:.4f}, the threshold whose false-alarm rate on "
-              f"the normal images is at most {100 * cal['target_fpr']:.1f}% (measured: {100 * cal['fpr']:.2f}%). "
-              "The threshold is fitted on these same images: a best case for this false-alarm budget.", "",
+    if cal.get("fixed"):
+        how = (f"Verdict = defect when P(A) >= {cal['threshold']:.4f}, a threshold fixed beforehand "
+               f"(eval.threshold); measured false-alarm rate here: {_pct(cal['fpr'])}%.")
+    else:
+        how = (f"Verdict = defect when P(A) >= {cal['threshold']:.4f}, the threshold whose false-alarm rate on "
+               f"the normal images is at most {100 * cal['target_fpr']:.1f}% (measured: {100 * cal['fpr']:.2f}%). "
+               "The threshold is fitted on these same images: a best case for this false-alarm budget.")
+    lines += [how + " An invalid A/B answer counts as wrong, so on a normal image it is a false alarm.", "",
               "| decision | accuracy | F1-macro | balanced acc. | defect recall | false-alarm rate |",
               "| --- | --- | --- | --- | --- | --- |"]
     plain = cal.get("_plain")
@@ -210,9 +227,14 @@ def _fpr_of(m: dict):
 
 def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str, batch_size: int = 8,
                    meta: dict | None = None, max_images: int = -1, *, calibrate: bool = False,
-                   target_fpr: float = 0.05, title: str = "ppiad evaluation", progress: bool = True,
-                   num_workers: int = 0) -> dict | None:
-    """Predict (resuming), then write the report. Returns the metrics dict (None on ranks other than 0)."""
+                   target_fpr: float = 0.05, threshold: float | None = None, title: str = "ppiad evaluation",
+                   progress: bool = True, num_workers: int = 0) -> dict | None:
+    """Predict (resuming), then write the report. Returns the metrics dict (None on ranks other than 0).
+
+    `calibrate` fits a P(A) threshold for `target_fpr` on these images; `threshold` instead applies a fixed
+    one (e.g. fitted on held-out normals). Either result goes under metrics["calibrated"]."""
+    if calibrate and threshold is not None:
+        raise ValueError("give either calibrate (fit a threshold here) or a fixed threshold, not both")
     from ppiad.eval.metrics import evaluate
     from ppiad.eval.report import write_report
 
@@ -239,13 +261,13 @@ def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str
         predict_samples(samples, predictor, os.path.join(out_dir, PREDICTIONS), batch_size, done, progress,
                         num_workers)
 
-    metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, title, evaluate, write_report)
+    metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report)
     if world > 1:
         _barrier()
     return metrics
 
 
-def _finish(samples, out_dir, meta, calibrate, target_fpr, title, evaluate, write_report) -> dict:
+def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report) -> dict:
     by_path = _existing(out_dir)
     missing = [s.path for s in samples if s.path not in by_path]
     if missing:
@@ -271,13 +293,14 @@ def _finish(samples, out_dir, meta, calibrate, target_fpr, title, evaluate, writ
     meta = dict(meta or {})
     meta["images"] = len(records)
     meta["unreadable images (excluded)"] = len(unreadable)
-    if calibrate:
-        cal = calibrated_metrics(readable, target_fpr)
+    if calibrate or threshold is not None:
+        cal = calibrated_metrics(readable, target_fpr) if calibrate else fixed_threshold_metrics(readable, threshold)
         if cal.get("threshold") is None:
             meta["calibration"] = f"not possible: {cal['note']}"
         else:
             metrics["calibrated"] = cal
-            meta["calibration"] = (f"P(A) >= {cal['threshold']:.4f} for <= {100 * target_fpr:.1f}% false alarms "
+            meta["calibration"] = (f"fixed threshold P(A) >= {cal['threshold']:.4f}" if cal.get("fixed") else
+                                   f"P(A) >= {cal['threshold']:.4f} for <= {100 * target_fpr:.1f}% false alarms "
                                    "(fitted on these images)")
     write_report(metrics, out_dir, title, meta)  # also writes metrics.json, with title and meta
     if metrics.get("calibrated"):
