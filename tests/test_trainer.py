@@ -40,3 +40,157 @@ def test_run_logger_writes_visualdl_scalars_and_text(tmp_path):
         other.info("rank one")
     assert (run / "metrics.jsonl").read_text().count("\n") == 3
     assert "rank one" in (run / "train.rank1.log").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPOTrainer on the tiny model and synthetic data
+# ----------------------------------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TINY_OVERRIDES = ["grpo.max_new_tokens=12", "grpo.num_generations=4", "model.min_pixels=3136",
+                  "model.max_pixels=3136", "train.prompts_per_device=1", "train.grad_accum_steps=2",
+                  "train.learning_rate=0.01", "lora.dropout=0.1"]
+
+
+def build_assets(root) -> dict:
+    """A tiny checkpoint, a 24-image synthetic tree and a LoRA adapter with non-zero B (so the KL term
+    to the adapter-free reference already has a gradient at step 1)."""
+    import paddle
+
+    from ppiad.data.synthetic import generate_synthetic
+    from ppiad.models.lora import apply_lora, lora_layers, save_adapter
+    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models.tiny import build_tiny_checkpoint
+
+    root = str(root)
+    model_dir = build_tiny_checkpoint(os.path.join(root, "tiny"), seed=0)
+    generate_synthetic(os.path.join(root, "synth"), num_images=24, defect_ratio=0.25, size=56, seed=0)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    apply_lora(model, 4, 16, 0.0)
+    paddle.seed(5)
+    for layer in lora_layers(model).values():
+        layer.lora_B.set_value(paddle.randn(layer.lora_B.shape) * 0.5)
+    adapter = save_adapter(model, os.path.join(root, "adapter"))
+    return {"model": model_dir, "data": os.path.join(root, "synth"), "adapter": adapter}
+
+
+def tiny_overrides(assets, out_dir, run_name, *extra) -> list:
+    return [f"model.path={assets['model']}", f"data.train.root={assets['data']}",
+            f"model.adapter={assets['adapter']}", f"output_dir={out_dir}", f"run_name={run_name}",
+            *TINY_OVERRIDES, *extra]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """Rewards that vary within every group (the untrained tiny model never earns the real ones), so the
+    advantage path carries gradient too."""
+    from ppiad.rl import rewards
+
+    def fake(rewards_cfg, completions, samples, group_size, token_p=None, class_factors=None):
+        total = np.array([float(len(t) % 7) for t in completions])
+        zeros = np.zeros(len(completions))
+        return total, {"format": zeros, "accuracy": zeros, "focal": zeros}, np.ones(len(completions))
+
+    monkeypatch.setattr(rewards, "compute_rewards", fake)
+
+
+def _metrics(run_dir) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_reproduces_the_next_step_exactly(assets, tmp_path, varied_rewards):
+    from ppiad.config import load_config
+    from ppiad.rl.checkpoint import read_adapter_tensors
+    from ppiad.rl.trainer import GRPOTrainer
+
+    out = str(tmp_path)
+    straight = GRPOTrainer(load_config(None, tiny_overrides(
+        assets, out, "straight", "train.max_steps=2", "train.save_every=1"))).train()
+    assert straight["step"] == 2
+    resumed = GRPOTrainer(load_config(None, tiny_overrides(
+        assets, out, "resumed", "train.max_steps=2", "train.save_every=1",
+        f"train.resume={out}/straight/checkpoints/step_000001"))).train()
+    assert resumed["step"] == 2
+
+    a, b = _metrics(os.path.join(out, "straight")), _metrics(os.path.join(out, "resumed"))
+    assert [m["step"] for m in a] == [1, 2] and [m["step"] for m in b] == [2]
+    assert a[1]["loss"] != 0.0 and a[1]["grad_norm"] > 0  # the step did something, so equality means something
+    assert b[0]["loss"] == a[1]["loss"]
+    assert b[0]["reward/total"] == a[1]["reward/total"]
+    w1 = read_adapter_tensors(os.path.join(out, "straight", "checkpoints", "step_000001"))
+    w2 = read_adapter_tensors(straight["checkpoint"])
+    w2r = read_adapter_tensors(resumed["checkpoint"])
+    assert any(not np.array_equal(w1[k], w2[k]) for k in w1)
+    for k in w2:
+        np.testing.assert_array_equal(w2[k], w2r[k], err_msg=k)
+    assert resumed["adapter_sha256"] == straight["adapter_sha256"]
+
+
+def test_tiny_run_logs_visualdl_scalars_and_stops_on_request(assets, tmp_path):
+    from visualdl import LogReader
+
+    from ppiad.config import load_config
+    from ppiad.rl.checkpoint import find_latest
+    from ppiad.rl.trainer import GRPOTrainer
+
+    class StopAfterFirstCheck(GracefulStop):
+        @property
+        def requested(self):
+            return True
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    cfg = load_config(None, tiny_overrides(assets, str(tmp_path), "run", "train.max_steps=5",
+                                           "train.save_every=100"))
+    summary = GRPOTrainer(cfg, stop=StopAfterFirstCheck(announce=False)).train()
+    assert summary["stopped"] and summary["step"] == 1
+    run = os.path.join(str(tmp_path), "run")
+    assert find_latest(run).endswith("step_000001")  # the stop saved a checkpoint
+    vdl = os.path.join(run, "vdl")
+    reader = LogReader(file_path=os.path.join(vdl, os.listdir(vdl)[0]))
+    tags = set(reader.get_tags()["scalar"])
+    for name in ("loss", "kl", "reward/total", "reward/format", "reward/group_std", "accuracy", "format_rate",
+                 "clip_fraction", "completion_length", "lr", "seconds_per_step", "seconds_rollout"):
+        assert f"train/{name}" in tags, name
+    kl = [r.value for r in reader.get_data("scalar", "train/kl")]
+    assert len(kl) == 1 and kl[0] > 0  # the start adapter differs from the reference
+    assert os.path.isfile(os.path.join(run, "config.yaml"))
+
+
+def test_lr_schedule_shapes():
+    from ppiad.rl.trainer import lr_factor
+
+    assert [lr_factor(s, 10, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    lin = [lr_factor(s, 10, 0, "linear") for s in range(10)]
+    assert lin[0] == 1.0 and lin[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(lin, lin[1:]))
+    cos = [lr_factor(s, 11, 1, "cosine") for s in range(11)]
+    assert cos[0] == 1.0 and cos[1] == 1.0 and cos[6] == pytest.approx(0.5) and cos[-1] == pytest.approx(0.0244717, abs=1e-6)
+
+
+def test_train_tool_names_the_missing_key(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    monkeypatch.syspath_prepend(tools)
+    spec = importlib.util.spec_from_file_location("train_tool", os.path.join(tools, "train.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["-c", os.path.join(os.path.dirname(tools), "configs", "tiny_cpu.yaml"), "-o", "model.path="])
+    assert exc.value.code == 2 and "model.path" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["-c", os.path.join(os.path.dirname(tools), "configs", "tiny_cpu.yaml"), "-o",
+                   f"model.path={tmp_path / 'm'}", f"data.train.root={tmp_path / 'nowhere'}"])
+    assert exc.value.code == 2 and "data.train.root" in capsys.readouterr().err

@@ -1,0 +1,439 @@
+"""GRPO training of the LoRA adapters: `GRPOTrainer(cfg).train()`.
+
+One optimizer step, on every process (rank) with its own share of the prompts:
+1. rollouts, for each of `grad_accum_steps` micro-batches of `prompts_per_device` prompts: G completions per
+   prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`),
+   group advantages times the focal advantage weights (`grpo.weighted_advantages`), and the reference
+   log-probs (same network, adapters disabled, no gradient);
+2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on),
+   `grpo.grpo_loss`, backward; token averaging divides by the completion tokens of the whole step, so the
+   accumulated gradient equals that of one big batch (sequence averaging divides by grad_accum_steps);
+3. gradient clip, AdamW on the LoRA parameters only, learning-rate schedule step.
+With `grpo.num_iterations` = k > 1 the rollouts of step 1 are reused for k optimizer steps (the clipped
+ratio then matters); checkpoints wait for the end of such a block, so resuming stays exact.
+
+Determinism (what makes resume exact): the data order of epoch e is a permutation seeded by (seed, e) and the
+position follows from the step number; each step reseeds every RNG from (seed, step, rank), so sampling and
+dropout do not depend on what ran before in the process. A checkpoint holds the adapters, the AdamW state
+and the scheduler, so a resumed run computes the same next step as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import paddle
+
+from ppiad.config import Config, ConfigError, require, save_config
+from ppiad.rl import checkpoint as ckpt
+from ppiad.utils import distributed
+from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps  # linear ramp that reaches the peak on the last warm-up step
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"config key 'train.lr_schedule' has invalid value {schedule!r}; valid: constant, linear, "
+                      f"cosine")
+
+
+def build_scheduler(cfg: Config, total_steps: int) -> paddle.optimizer.lr.LambdaDecay:
+    warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    return paddle.optimizer.lr.LambdaDecay(
+        cfg.train.learning_rate, lambda s: lr_factor(s, total_steps, warmup, cfg.train.lr_schedule))
+
+
+# ---------------------------------------------------------------------------------------------- data plan
+@dataclass(frozen=True)
+class DataPlan:
+    """Which prompts each optimizer step of this rank uses: a pure function of (seed, epoch, step)."""
+    samples: list
+    seed: int
+    rank: int
+    world_size: int
+    prompts_per_step: int      # prompts_per_device * grad_accum_steps (this rank)
+    steps_per_epoch: int       # optimizer steps per epoch (each rollout block counts num_iterations steps)
+    num_iterations: int
+
+    def rollouts_per_epoch(self) -> int:
+        return self.steps_per_epoch // self.num_iterations
+
+    def epoch_order(self, epoch: int) -> list:
+        perm = np.random.default_rng(derive_seed(self.seed, "data", epoch) % (2 ** 63)).permutation(
+            len(self.samples))
+        ordered = [self.samples[i] for i in perm]
+        return distributed.shard_samples(ordered, self.rank, self.world_size)
+
+    def position(self, step: int) -> dict:
+        block = step // self.num_iterations
+        epoch, index = divmod(block, self.rollouts_per_epoch())
+        return {"epoch": int(epoch), "index": int(index * self.prompts_per_step)}
+
+    def prompts(self, step: int) -> list:
+        pos = self.position(step)
+        order = self.epoch_order(pos["epoch"])
+        return order[pos["index"]:pos["index"] + self.prompts_per_step]
+
+
+def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[DataPlan, int]:
+    """The data plan and the total number of optimizer steps."""
+    t, k = cfg.train, cfg.grpo.num_iterations
+    if t.prompts_per_device < 1 or t.grad_accum_steps < 1:
+        raise ConfigError("config keys 'train.prompts_per_device' and 'train.grad_accum_steps' must be >= 1")
+    if k < 1:
+        raise ConfigError("config key 'grpo.num_iterations' must be >= 1")
+    per_step = t.prompts_per_device * t.grad_accum_steps
+    per_rank = len(samples) // env.world_size
+    rollouts = per_rank // per_step
+    if rollouts == 0:
+        raise ConfigError(f"the training partition has {len(samples)} images; one optimizer step needs "
+                          f"train.prompts_per_device x train.grad_accum_steps x processes = {per_step} x "
+                          f"{env.world_size} = {per_step * env.world_size}")
+    plan = DataPlan(samples, cfg.seed, env.rank, env.world_size, per_step, rollouts * k, k)
+    total = t.max_steps if t.max_steps > 0 else t.epochs * plan.steps_per_epoch
+    if total < 1:
+        raise ConfigError("nothing to train: set train.epochs >= 1 or train.max_steps >= 1")
+    return plan, total
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class _ForwardVia:
+    """The user's model for attributes (config, get_rope_index, ...) but calls go through the wrapper, so
+    DataParallel / fleet see the training forward and synchronise the gradients."""
+
+    def __init__(self, core, wrapper):
+        self._core, self._wrapper = core, wrapper
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapper(*args, **kwargs)
+
+
+def adapter_digest(model) -> str:
+    """sha256 over the LoRA tensors: equal on every rank when data parallel works."""
+    from ppiad.models.lora import lora_state_dict
+
+    h = hashlib.sha256()
+    for name, t in lora_state_dict(model).items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def _bf16_on_gpu(cfg: Config) -> bool:
+    gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    return cfg.model.dtype == "bfloat16" and gpu
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class GRPOTrainer:
+    """GRPO on LoRA adapters of a Qwen2-VL checkpoint. `model`, `processor` and `samples` may be given
+    (tests, notebooks); otherwise they come from cfg.model / cfg.data.train."""
+
+    def __init__(self, cfg: Config, *, model=None, processor=None, samples: Optional[list] = None,
+                 stop=None):
+        self.cfg = cfg
+        self.run_dir = os.path.join(cfg.output_dir, cfg.run_name)
+        self._model, self._processor, self._samples = model, processor, samples
+        self._stop = stop  # a GracefulStop-like object; tests use it to stop early
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def _load_samples(self) -> list:
+        if self._samples is not None:
+            return list(self._samples)
+        from ppiad.data.registry import build_dataset
+
+        require(self.cfg, "data.train.root", "the training dataset root directory")
+        samples = build_dataset(self.cfg.data.train, self.cfg.data.object_names)
+        if not samples:
+            raise ConfigError(f"the training partition (data.train.root='{self.cfg.data.train.root}', split "
+                              f"'{self.cfg.data.train.split}') holds no images")
+        return samples
+
+    def _load_model(self):
+        cfg = self.cfg
+        if self._model is not None:
+            return self._model
+        from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+        path = require(cfg, "model.path", "the Hugging Face-format Qwen2-VL checkpoint directory to train")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model.path '{path}' is not a Hugging Face-format checkpoint directory "
+                              f"(no config.json there); set model.path")
+        dtype = "bfloat16" if _bf16_on_gpu(cfg) else "float32"
+        return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
+
+    def _load_processor(self):
+        if self._processor is not None:
+            return self._processor
+        from ppiad.models.processor import Qwen2VLProcessor
+
+        return Qwen2VLProcessor.from_config(self.cfg)
+
+    def _add_adapters(self, model) -> None:
+        from ppiad.models.lora import apply_lora, load_adapter, lora_layers
+
+        cfg = self.cfg
+        if not cfg.lora.enabled:
+            raise ConfigError("training needs lora.enabled=true: the reference policy is the model with its "
+                              "adapters switched off, and only the adapters are trained")
+        if not lora_layers(model):
+            apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        if cfg.model.adapter:  # start from an existing adapter (the reference stays the adapter-free base)
+            if not os.path.exists(cfg.model.adapter):
+                raise ConfigError(f"model.adapter '{cfg.model.adapter}' does not exist")
+            load_adapter(model, cfg.model.adapter)
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def _rollout(self, step: int, micro: int, batch: list) -> dict:
+        """Sample, score and prepare one micro-batch (no gradient)."""
+        from ppiad.data.images import load_image
+        from ppiad.models.generation import completion_logprobs, generate
+        from ppiad.models.lora import adapters_disabled
+        from ppiad.rl.grpo import weighted_advantages
+        from ppiad.rl.rewards import compute_rewards
+
+        cfg, g, core, proc = self.cfg, self.cfg.grpo, self.core, self.processor
+        t0 = time.perf_counter()
+        inputs = proc.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch])
+        with self._autocast():
+            res = generate(core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
+                           do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                           eos_token_ids=proc.eos_token_ids, tokenizer=proc.tokenizer,
+                           answer_token_ids=self.answer_tokens,
+                           seed=derive_seed(cfg.seed, "rollout", step, micro, self.env.rank),
+                           force_answer_score=False)
+        t1 = time.perf_counter()
+        token_p = res.answer_scores.numpy()
+        total, per_reward, weights = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
+                                                     token_p=token_p, class_factors=self.class_factors)
+        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps)
+        core.eval()  # the reference also with beta = 0: the KL to the base policy is worth logging
+        with paddle.no_grad(), adapters_disabled(core), self._autocast():
+            ref = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
+                                      image_embeds=res.image_embeds).detach()
+        t2 = time.perf_counter()
+        groups = np.asarray(total).reshape(-1, g.num_generations)
+        stats = {
+            "reward/total": float(np.mean(total)),
+            "reward/group_std": float(groups.std(axis=1, ddof=1).mean()) if g.num_generations > 1 else 0.0,
+            "accuracy": float(np.mean(per_reward["accuracy"])),
+            "format_rate": float(np.mean(per_reward["format"])),
+            "advantage_weight": float(np.mean(weights)),
+            "completion_length": float(res.completion_mask.sum(axis=1).mean()),
+        }
+        for name, values in per_reward.items():
+            stats[f"reward/{name}"] = float(np.mean(values))
+        return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
+                "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
+                "advantages": adv, "image_embeds": res.image_embeds, "stats": stats,
+                "seconds_rollout": t1 - t0, "seconds_reference": t2 - t1}
+
+    def _update(self, buffer: list) -> dict:
+        """Policy forward + GRPO loss + backward for every micro-batch, then the optimizer step."""
+        from ppiad.models.generation import completion_logprobs
+        from ppiad.rl.grpo import grpo_loss
+
+        g = self.cfg.grpo
+        t0 = time.perf_counter()
+        self.core.train()
+        n_tokens = float(sum(float(mb["mask"].sum()) for mb in buffer))
+        token_avg = g.loss_averaging == "token"
+        agg: dict = {}
+        for i, mb in enumerate(buffer):
+            last = i == len(buffer) - 1
+            sync = self.wrapped.no_sync() if (not last and hasattr(self.wrapped, "no_sync")) else _null()
+            with sync:
+                with self._autocast():
+                    logp = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"], mb["mask"],
+                                               g.num_generations, image_embeds=mb["image_embeds"])
+                loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"],
+                                     epsilon=g.epsilon, beta=g.beta, averaging=g.loss_averaging,
+                                     normalizer=max(n_tokens, 1.0) if token_avg else None)
+                if not token_avg:
+                    loss = loss / len(buffer)
+                loss.backward()
+            st["loss"] = float(loss)
+            for k, v in st.items():
+                agg[k] = agg.get(k, 0.0) + (v if k == "loss" else v / len(buffer))
+        grad_norm = self._grad_norm()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.scheduler.step()
+        agg["grad_norm"] = grad_norm
+        agg["seconds_update"] = time.perf_counter() - t0
+        return agg
+
+    def _grad_norm(self) -> float:
+        sq = 0.0
+        for p in self.trainable:
+            if p.grad is not None:
+                sq += float((p.grad.astype("float32") ** 2).sum())
+        return math.sqrt(sq)
+
+    def _autocast(self):
+        if self.bf16:
+            return paddle.amp.auto_cast(enable=True, dtype="bfloat16", level="O1")
+        return _null()
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from ppiad.models.generation import AnswerTokens
+        from ppiad.models.lora import lora_parameters
+        from ppiad.rl.rewards import class_factors
+        from ppiad.utils.logging import RunLogger
+
+        cfg = self.cfg
+        self.env = distributed.init(cfg.distributed.sharding)
+        self.bf16 = _bf16_on_gpu(cfg)
+        seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
+        self.samples = self._load_samples()
+        f = cfg.rewards.focal
+        self.class_factors = class_factors(self.samples, f.class_factors, (f.factor_defect, f.factor_normal))
+        self.plan, self.total_steps = make_plan(cfg, self.samples, self.env)
+        self.processor = self._load_processor()
+        self.answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
+        self.core = self._load_model()
+        self._add_adapters(self.core)
+        self.trainable = lora_parameters(self.core)
+        self.scheduler = build_scheduler(cfg, self.total_steps)
+        clip = paddle.nn.ClipGradByGlobalNorm(cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
+        optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self.trainable,
+                                           weight_decay=cfg.train.weight_decay, grad_clip=clip,
+                                           multi_precision=self.bf16)
+        self.wrapped, self.optimizer = distributed.wrap(self.core, optimizer, self.env)
+        self.forward_model = self.core if self.wrapped is self.core else _ForwardVia(self.core, self.wrapped)
+        self.sharded_optimizer = self.env.enabled and cfg.distributed.sharding != "none"
+        self.param_names = ckpt.param_name_map(self.core)
+        self.start_step = 0
+        resume = self._resume_path()
+        self.log = RunLogger(self.run_dir, rank=self.env.rank, total_steps=self.total_steps)
+        if self.env.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if cfg.model.dtype == "bfloat16" and not self.bf16:
+            self.log.info("model.dtype=bfloat16 needs a GPU (Paddle's CPU kernels have no bf16 matmul): "
+                          "training in float32")
+        if resume:
+            self._resume(resume)
+        self.log.info(f"training {len(self.samples)} images ({self.class_factors}), {self.env.world_size} "
+                      f"process(es), sharding={cfg.distributed.sharding}, {self.total_steps} steps "
+                      f"({self.plan.steps_per_epoch} per epoch), {sum(int(np.prod(p.shape)) for p in self.trainable)} "
+                      f"trainable parameters, run dir {self.run_dir}")
+
+    def _resume_path(self) -> Optional[str]:
+        r = self.cfg.train.resume
+        if not r:
+            return None
+        if r == "auto":
+            return ckpt.find_latest(self.run_dir)  # None = nothing yet: a fresh start
+        if not os.path.isfile(os.path.join(r, ckpt.TRAINER_STATE)):
+            raise ConfigError(f"train.resume '{r}' is not a checkpoint directory (no {ckpt.TRAINER_STATE}); "
+                              f"use a <run>/checkpoints/step_XXXXXX directory or 'auto'")
+        return r
+
+    def _resume(self, path: str) -> None:
+        from ppiad.models.lora import load_adapter
+
+        load_adapter(self.core, path)
+        state = ckpt.load_checkpoint(path, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                                     param_names=self.param_names, rank=self.env.rank,
+                                     world_size=self.env.world_size)
+        if state.world_size != self.env.world_size:
+            self.log.info(f"warning: checkpoint was written by {state.world_size} process(es), now "
+                          f"{self.env.world_size}: the data order differs from the original run")
+        self.start_step = state.step
+        self.log.info(f"resumed from {path} at step {state.step}")
+
+    def _save(self, step: int, metrics: dict) -> str:
+        from ppiad.models.lora import save_adapter
+
+        path = ckpt.save_checkpoint(
+            self.run_dir, step, trainable_state=lambda d: save_adapter(self.core, d), optimizer=self.optimizer,
+            lr_scheduler=self.scheduler, rng=get_rng_state(), data_position=self.plan.position(step),
+            config=self.cfg, metrics=metrics, param_names=self.param_names, rank=self.env.rank,
+            world_size=self.env.world_size, sharded_optimizer=self.sharded_optimizer,
+            barrier=lambda: distributed.barrier(self.env))
+        self.log.info(f"checkpoint {path}")
+        return path
+
+    def _stop_requested(self, stop) -> bool:
+        flag = bool(stop is not None and stop.requested)
+        if self.env.enabled:  # all ranks must agree, or one would wait forever in the next collective
+            t = paddle.to_tensor([1.0 if flag else 0.0])
+            paddle.distributed.all_reduce(t, op=paddle.distributed.ReduceOp.MAX)
+            flag = bool(float(t) > 0)
+        return flag
+
+    def train(self) -> dict:
+        """Run to train.max_steps / train.epochs (or a stop signal); returns a summary dict."""
+        from ppiad.utils.signals import GracefulStop
+
+        self.setup()
+        cfg, k = self.cfg, self.cfg.grpo.num_iterations
+        last_saved, metrics, step, buffer = None, {}, self.start_step, None
+        stopped = False
+        with (self._stop if self._stop is not None else GracefulStop()) as stop:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                seed_everything(derive_seed(cfg.seed, "step", step, self.env.rank))
+                roll_stats = {}
+                if step % k == 0 or buffer is None:
+                    batch = self.plan.prompts(step)
+                    n = cfg.train.prompts_per_device
+                    buffer = [self._rollout(step, m, batch[m * n:(m + 1) * n])
+                              for m in range(cfg.train.grad_accum_steps)]
+                    roll_stats = _mean_stats([mb["stats"] for mb in buffer])
+                    roll_stats["seconds_rollout"] = sum(mb["seconds_rollout"] for mb in buffer)
+                    roll_stats["seconds_reference"] = sum(mb["seconds_reference"] for mb in buffer)
+                lr = self.optimizer.get_lr()
+                upd = self._update(buffer)
+                step += 1
+                metrics = {**roll_stats, **upd, "lr": lr, "seconds_per_step": time.perf_counter() - t0}
+                metrics = distributed.all_reduce_mean(metrics, self.env)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    self.log.scalars(step, metrics)
+                self.log.advance(1, {"loss": metrics["loss"], "reward": metrics.get("reward/total", float("nan"))})
+                at_block_end = step % k == 0
+                stop_now = self._stop_requested(stop)
+                if at_block_end and (step % cfg.train.save_every == 0 or step == self.total_steps or stop_now):
+                    last_saved = self._save(step, metrics)
+                if stop_now and at_block_end:
+                    stopped = True
+                    self.log.info(f"stopped by {getattr(stop, 'signal_name', '') or 'request'} at step {step}")
+                    break
+        if step > self.start_step and (last_saved is None or not last_saved.endswith(ckpt.step_dir_name(step))):
+            last_saved = self._save(step, metrics)  # e.g. max_steps not a multiple of num_iterations
+        digest = adapter_digest(self.core)
+        self.log.info(f"done at step {step}; adapter sha256 {digest}; last checkpoint {last_saved}")
+        self.log.close()
+        return {"step": step, "run_dir": self.run_dir, "checkpoint": last_saved, "metrics": metrics,
+                "adapter_sha256": digest, "stopped": stopped, "rank": self.env.rank}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _mean_stats(items: list[dict]) -> dict:
+    keys = items[0].keys() if items else []
+    return {k: float(np.mean([d[k] for d in items])) for k in keys}
