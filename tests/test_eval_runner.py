@@ -217,3 +217,24 @@ def test_fixed_threshold_from_elsewhere(tmp_path):
     assert "fixed beforehand" in open(os.path.join(out, "report.md")).read()
     with pytest.raises(ValueError, match="not both"):
         run_evaluation(samples, CountingPredictor(), out, calibrate=True, threshold=0.5, progress=False)
+
+
+def test_eval_tool_compare_mode(tmp_path, capsys):
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    spec = importlib.util.spec_from_file_location("ppiad_tool_eval_cmp", os.path.join(ROOT, "tools", "eval.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    samples = make_dataset(str(tmp_path / "data"))
+    run_evaluation(samples, CountingPredictor(), str(tmp_path / "a"), progress=False)
+    assert tool.main(["--compare", f"base={tmp_path / 'a'}", f"tuned={tmp_path / 'a' / 'metrics.json'}",
+                      "--output_dir", str(tmp_path / "cmp")]) == 0
+    text = open(tmp_path / "cmp" / "comparison.md").read()
+    assert "| base |" in text and "| tuned |" in text and "bottle" in text
+    for argv, msg in ((["--compare", "nameless", "--output_dir", str(tmp_path)], "NAME=DIR"),
+                      (["--compare", f"x={tmp_path / 'nothing'}", "--output_dir", str(tmp_path)], "no metrics.json"),
+                      ([], "-c/--config is required")):
+        with pytest.raises(SystemExit) as exc:
+            tool.main(argv)
+        assert exc.value.code == 2 and msg in capsys.readouterr().err

@@ -3,6 +3,8 @@
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/final
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter= --output_dir output/base_on_visa
     python -m paddle.distributed.launch --nproc_per_node 4 tools/eval.py -c configs/lriad_mvtec.yaml
+    python tools/eval.py --compare "Qwen2-VL base=output/base_on_visa" "LR-IAD=output/lriad_mvtec/eval_visa_all" \
+        --output_dir output/table3      (paper-style comparison of finished runs; no model is loaded)
 
 Data: cfg.data.eval (dataset, root, split, categories). Output (default
 <output_dir>/<run_name>/eval_<dataset>_<split>): predictions.jsonl (resumable: re-running skips finished
@@ -23,7 +25,9 @@ from ppiad.utils.cli import UsageError, add_config_args, config_from_args, user_
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
+    add_config_args(p, required=False)
+    p.add_argument("--compare", nargs="+", metavar="NAME=DIR",
+                   help="write a Table III / V-VI comparison of finished eval runs to <output_dir>/comparison.md")
     p.add_argument("--calibrate", action="store_true",
                    help="also report figures at the P(A) threshold meeting eval.target_fpr (= -o eval.calibrate=true)")
     p.add_argument("--output_dir", help="where to write predictions and the report "
@@ -102,9 +106,37 @@ def run(args, cfg, predictor_factory) -> int:
     return 0
 
 
+def compare(args) -> int:
+    from ppiad.eval.report import write_comparison
+
+    runs = []
+    for item in args.compare:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path:
+            raise UsageError(f"--compare expects NAME=DIR, got '{item}'")
+        metrics = path if path.endswith(".json") else os.path.join(path, "metrics.json")
+        if not os.path.isfile(metrics):
+            raise UsageError(f"--compare {name}: no metrics.json at '{metrics}' (run tools/eval.py first)")
+        runs.append((name.strip(), metrics))
+    if not args.output_dir:
+        raise UsageError("--compare needs --output_dir for comparison.md")
+    out = os.path.join(args.output_dir, "comparison.md")
+    try:
+        text = write_comparison(runs, out, title="Comparison of evaluation runs")
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"--compare: {exc}") from exc
+    print(text)
+    print(f"written: {out}")
+    return 0
+
+
 def main(argv=None, predictor_factory=None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors():
+        if args.compare:
+            return compare(args)
+        if not args.config:
+            raise UsageError("-c/--config is required (or --compare NAME=DIR ... to compare finished runs)")
         cfg = config_from_args(args)
         return run(args, cfg, predictor_factory or _default_predictor)
 
