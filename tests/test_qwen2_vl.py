@@ -240,3 +240,16 @@ def test_bf16_file_values_widen_exactly(tmp_path):
     st = W.SafetensorsFile(str(tmp_path / "x.safetensors"))
     assert st.entries["x"]["dtype"] == "BF16"
     np.testing.assert_array_equal(st.get("x"), W.bf16_to_float32(bits))
+
+
+def test_gradients_reach_decoder_projections_and_loading_leaves_no_global_state(saved):
+    _, d = saved
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(d))
+    inputs = batch()
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.grad is not None and float(q.grad.abs().sum()) > 0
+    fresh = paddle.nn.Linear(4, 4)  # from_pretrained's zero initialiser must not leak into later layers
+    assert float(fresh.weight.abs().sum()) > 0 and paddle.get_default_dtype() == "float32"

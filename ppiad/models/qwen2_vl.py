@@ -325,7 +325,6 @@ class Qwen2Attention(nn.Layer):
             k = paddle.concat([past[0], k], axis=2)
             v = paddle.concat([past[1], v], axis=2)
         present = (k, v)
-        s = k.shape[2]
         g = self.num_heads // self.num_kv
         # grouped-query attention by broadcasting: q [B, Hk, g, T, D] against k, v [B, Hk, 1, S, D]
         qg = q.reshape([b, self.num_kv, g, t, self.head_dim])
@@ -335,7 +334,6 @@ class Qwen2Attention(nn.Layer):
         probs = F.softmax(scores, axis=-1).astype(v.dtype)
         out = paddle.matmul(probs, v.unsqueeze(2))  # [B, Hk, g, T, D]
         out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
-        del s
         return self.o_proj(out), present
 
 
@@ -625,10 +623,14 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         config = Qwen2VLConfig.from_file(os.path.join(directory, "config.json"))
         layout, files = W.find_weights(directory, allow_pickle=allow_pickle)
         prev = paddle.get_default_dtype()
-        paddle.set_default_dtype(dtype)  # create parameters directly in the target dtype
+        # Create parameters directly in the target dtype and zero-filled: every one is overwritten from the
+        # file, and random initialisation of billions of weights would take minutes on a CPU.
+        paddle.set_default_dtype(dtype)
+        nn.initializer.set_global_initializer(nn.initializer.Constant(0.0), nn.initializer.Constant(0.0))
         try:
             model = cls(config)
         finally:
+            nn.initializer.set_global_initializer(None, None)
             paddle.set_default_dtype(prev)
         model.load_hf_tensors(W.iter_tensors(layout, files), layout=layout, source=directory)
         model.eval()
