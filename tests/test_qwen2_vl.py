@@ -253,3 +253,18 @@ def test_gradients_reach_decoder_projections_and_loading_leaves_no_global_state(
     assert q.grad is not None and float(q.grad.abs().sum()) > 0
     fresh = paddle.nn.Linear(4, 4)  # from_pretrained's zero initialiser must not leak into later layers
     assert float(fresh.weight.abs().sum()) > 0 and paddle.get_default_dtype() == "float32"
+
+
+def test_bfloat16_load_and_save_keep_bf16_on_disk(saved, tmp_path):
+    # bf16 compute needs a GPU (Paddle's CPU build has no bf16 matmul); loading and saving work anywhere
+    model, d = saved
+    half = Qwen2VLForConditionalGeneration.from_pretrained(str(d), dtype="bfloat16")
+    assert {str(p.dtype) for p in half.parameters()} == {"paddle.bfloat16"}
+    half.save_pretrained(str(tmp_path))
+    st = W.SafetensorsFile(str(tmp_path / "model.safetensors"))
+    assert {e["dtype"] for e in st.entries.values()} == {"BF16"}
+    back = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path))
+    x = model.model.layers[0].self_attn.q_proj.weight.numpy()
+    y = back.model.layers[0].self_attn.q_proj.weight.numpy()
+    np.testing.assert_allclose(y, x, rtol=2 ** -8, atol=1e-6)  # bf16 keeps 8 significant bits
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
