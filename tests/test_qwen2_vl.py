@@ -268,3 +268,19 @@ def test_bfloat16_load_and_save_keep_bf16_on_disk(saved, tmp_path):
     y = back.model.layers[0].self_attn.q_proj.weight.numpy()
     np.testing.assert_allclose(y, x, rtol=2 ** -8, atol=1e-6)  # bf16 keeps 8 significant bits
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_newer_transformers_key_names_load(saved, tmp_path):
+    # transformers >= 4.52 saves model.language_model.* and model.visual.*; the hub files use model.* / visual.*
+    model, d = saved
+
+    def rename(t):
+        for name in list(t):
+            if name.startswith("model."):
+                t["model.language_model." + name[len("model."):]] = t.pop(name)
+            elif name.startswith("visual."):
+                t["model." + name] = t.pop(name)
+    _copy_with_tensors(d, tmp_path, rename)
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path))
+    inputs = batch()
+    np.testing.assert_array_equal(logits(loaded, inputs), logits(model, inputs))

@@ -426,6 +426,16 @@ class LMHead(nn.Layer):
         return paddle.matmul(h, w, transpose_y=True)
 
 
+def _legacy_name(name: str) -> str:
+    """Checkpoints saved by transformers >= 4.52 nest the parts as model.language_model.* / model.visual.*;
+    the hub's Qwen2-VL files (and this module) use model.* / visual.*."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
 def _as_numpy_int(x) -> np.ndarray:
     if x is None:
         return None
@@ -587,6 +597,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         tied = self.config.tie_word_embeddings
         seen, unexpected, mismatched = set(), [], []
         for name, arr in tensors:
+            name = _legacy_name(name)
             if name not in params:
                 if not (tied and name == "lm_head.weight"):  # a tied head may be stored anyway; it is ignored
                     unexpected.append(name)
