@@ -65,6 +65,7 @@ def _launch(tmp_path, sharding):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow  # the trainer-level test below covers the same on the real model; this isolates wrap()
 @pytest.mark.parametrize("sharding", ["none", "stage1"])
 def test_two_process_training_keeps_ranks_identical(tmp_path, sharding):
     r0, r1 = _launch(tmp_path, sharding)
@@ -73,6 +74,45 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, sharding):
     for name in r0["final"]:
         np.testing.assert_allclose(r0["final"][name], r1["final"][name], rtol=0, atol=1e-7, err_msg=name)
     assert r0["frozen_unchanged"] and r1["frozen_unchanged"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.test_trainer import build_assets
+    return build_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.mark.parametrize("sharding", ["none", "stage1"])
+def test_two_process_grpo_run_keeps_adapters_identical(assets, tmp_path, sharding):
+    """tools/train.py under paddle.distributed.launch: both ranks end with the same adapters (sha256 in their
+    logs), which moved away from the start adapter, after training on different prompts."""
+    import re
+
+    from safetensors.numpy import load_file
+
+    from tests.test_trainer import tiny_overrides
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "log"), os.path.join(ROOT, "tools", "train.py"), "-c",
+           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "-o",
+           *tiny_overrides(assets, str(out), "dist", "train.max_steps=2", f"distributed.sharding={sharding}")]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=150)
+    logs = ""
+    if (tmp_path / "log").is_dir():
+        logs = "\n".join(p.read_text(errors="replace")[-1500:] for p in sorted((tmp_path / "log").iterdir()))
+    assert proc.returncode == 0, f"launch failed:\n{proc.stderr[-1500:]}\n{logs}"
+    run = out / "dist"
+    texts = [(run / "train.log").read_text(), (run / "train.rank1.log").read_text()]
+    digests = [re.search(r"adapter sha256 ([0-9a-f]{64})", t).group(1) for t in texts]
+    firsts = [re.search(r"first prompts of this rank: (.*)", t).group(1) for t in texts]
+    assert digests[0] == digests[1]
+    assert firsts[0] != firsts[1]
+    final = load_file(str(run / "checkpoints" / "step_000002" / "adapter_model.safetensors"))
+    start = load_file(os.path.join(assets["adapter"], "adapter_model.safetensors"))
+    assert any(not np.array_equal(final[k], start[k]) for k in start)
+    if sharding == "stage1":
+        assert (run / "checkpoints" / "step_000002" / "optimizer_rank1.pdopt").is_file()
 
 
 def _worker(out_dir, sharding):

@@ -111,6 +111,28 @@ def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[Dat
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+class _Logits(dict):
+    """The training forward's output as a dict: DataParallel finds the tensors to hook only in tensors,
+    lists and dicts (not in the model's dataclass output)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class _TrainForward(paddle.nn.Layer):
+    """The layer handed to DataParallel / fleet: the model's forward, returning only the logits."""
+
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+
+    def forward(self, **kwargs):
+        return _Logits(logits=self.core(**kwargs).logits)
+
+
 class _ForwardVia:
     """The user's model for attributes (config, get_rope_index, ...) but calls go through the wrapper, so
     DataParallel / fleet see the training forward and synchronise the gradients."""
@@ -317,7 +339,10 @@ class GRPOTrainer:
         optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self.trainable,
                                            weight_decay=cfg.train.weight_decay, grad_clip=clip,
                                            multi_precision=self.bf16)
-        self.wrapped, self.optimizer = distributed.wrap(self.core, optimizer, self.env)
+        if self.env.enabled:
+            self.wrapped, self.optimizer = distributed.wrap(_TrainForward(self.core), optimizer, self.env)
+        else:
+            self.wrapped, self.optimizer = self.core, optimizer
         self.forward_model = self.core if self.wrapped is self.core else _ForwardVia(self.core, self.wrapped)
         self.sharded_optimizer = self.env.enabled and cfg.distributed.sharding != "none"
         self.param_names = ckpt.param_name_map(self.core)
@@ -331,6 +356,8 @@ class GRPOTrainer:
                           "training in float32")
         if resume:
             self._resume(resume)
+        first = self.plan.prompts(self.start_step)[:2]
+        self.log.info(f"first prompts of this rank: {[os.path.basename(os.path.dirname(s.path)) + '/' + os.path.basename(s.path) for s in first]}")
         self.log.info(f"training {len(self.samples)} images ({self.class_factors}), {self.env.world_size} "
                       f"process(es), sharding={cfg.distributed.sharding}, {self.total_steps} steps "
                       f"({self.plan.steps_per_epoch} per epoch), {sum(int(np.prod(p.shape)) for p in self.trainable)} "
