@@ -128,17 +128,25 @@ def test_infer_tool_subprocess(setup):
     assert sorted(os.listdir(base / "vis")) == ["a.png", "b_gray.png"]
 
 
-def test_tools_bad_input_exit_2(setup, tmp_path):
+def test_tools_bad_input_exit_2(setup, tmp_path, capsys):
     base, cfg = setup
+    # One real process: exit code 2 and a single line, no traceback.
     proc = _tool(["tools/eval.py", "-c", cfg, "-o", f"model.path={tmp_path / 'no_such_model'}"])
     assert proc.returncode == 2 and "no_such_model" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _tool(["tools/eval.py", "-c", cfg, "-o", "eval.calibrat=true"])
-    assert proc.returncode == 2 and "unknown config key 'eval.calibrat'" in proc.stderr
-    proc = _tool(["tools/eval.py", "-c", cfg, "-o", f"data.eval.root={tmp_path / 'nodata'}"])
-    assert proc.returncode == 2 and "data.eval.root" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    # The rest in-process (same main(), no interpreter start-up).
+    eval_tool, infer_tool = _load_tool("eval"), _load_tool("infer")
     img = next(str(p) for p in sorted((base / "synth").rglob("*.png")))
-    proc = _tool(["tools/infer.py", "-c", cfg, "-o", "model.path=", "--image", img, "--object", "x"])
-    assert proc.returncode == 2 and "'model.path' is not set" in proc.stderr and proc.stderr.count("\n") == 1
+    cases = [(eval_tool, ["-c", cfg, "-o", "eval.calibrat=true"], "unknown config key 'eval.calibrat'"),
+             (eval_tool, ["-c", cfg, "-o", f"data.eval.root={tmp_path / 'nodata'}"], "data.eval.root"),
+             (eval_tool, ["-c", cfg, "-o", "model.path="], "'model.path' is not set"),
+             (eval_tool, ["-c", cfg, "--calibrate", "-o", "eval.threshold=0.5"], "use one"),
+             (infer_tool, ["-c", cfg, "-o", "model.path=", "--image", img, "--object", "x"], "'model.path' is not set")]
+    for tool, argv, msg in cases:
+        with pytest.raises(SystemExit) as exc:
+            tool.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and msg in err and err.count("\n") == 1, (argv, err)
 
 
 def test_huge_and_tiny_images_fit_pixel_bounds(setup):

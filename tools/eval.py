@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import _path  # noqa: F401  (puts the repository on sys.path)
 
+import warnings
+
+# Paddle warns about a missing C++ compiler cache on import; it concerns extension builds, not this tool.
+warnings.filterwarnings("ignore", message="No ccache found")
+
 import argparse
 import os
 import sys
