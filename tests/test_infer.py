@@ -236,3 +236,16 @@ def test_fixed_threshold_overrides_the_letter(tmp_path, cfg_file, capsys):
     assert code == 0 and line["verdict"] == "defect" and line["threshold"] == 0.5 and line["answer"] == "A"
     code, _ = run(["-c", cfg_file, "-o", "eval.threshold=5", "--image", img, "--object", "pill"])
     assert code == 2 and "probability" in capsys.readouterr().err
+
+
+def test_decompression_bomb_is_reported_not_a_crash(tmp_path, cfg_file, capsys, monkeypatch):
+    d = tmp_path / "big"
+    d.mkdir()
+    _png(d / "a_huge.png", size=(200, 100))
+    _png(d / "b_ok.png", size=(20, 10))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 20,000 px > 2 x 5,000: PIL refuses to decode
+    code, pred = run(["-c", cfg_file, "--image_dir", str(d), "--json"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert code == 0 and "too large to decode safely" in lines[0]["error"] and lines[1]["verdict"] == "normal"
+    code, _ = run(["-c", cfg_file, "--image", str(d / "a_huge.png"), "--object", "x"])
+    assert code == 2 and "too large" in capsys.readouterr().err

@@ -21,7 +21,8 @@ import json
 import os
 import sys
 
-from ppiad.data.images import ImageLoadError, is_image_file, load_image
+from ppiad.data.images import is_image_file
+from ppiad.eval.runner import try_load
 from ppiad.utils.cli import UsageError, add_config_args, config_from_args, user_errors
 
 
@@ -111,7 +112,9 @@ def run(args, cfg, predictor_factory) -> int:
         if not os.path.isfile(args.image):
             raise UsageError(f"--image '{args.image}' is not a file" if os.path.exists(args.image)
                              else f"--image '{args.image}' does not exist")
-        load_image(args.image)  # a bad file fails here, before the model is loaded
+        _, err = try_load(args.image)  # a bad file fails here, before the model is loaded
+        if err:
+            raise UsageError(err)
         paths, skipped = [args.image], []
         obj = _object_name(cfg, args.object)
     else:
@@ -138,10 +141,11 @@ def run(args, cfg, predictor_factory) -> int:
         batch = paths[start:start + batch_size]
         images, errors = {}, {}
         for p in batch:
-            try:
-                images[p] = load_image(p)
-            except ImageLoadError as exc:
-                errors[p] = str(exc)
+            img, err = try_load(p)
+            if img is None:
+                errors[p] = err
+            else:
+                images[p] = img
         ok = [p for p in batch if p in images]
         preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok)))) if ok else {}
         for p in batch:

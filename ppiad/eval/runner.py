@@ -74,11 +74,20 @@ def _record(sample: Sample, prediction=None, seconds: float = 0.0, error: str | 
     return rec
 
 
-def _load(sample: Sample):
+def try_load(path: str):
+    """(image, None) or (None, reason): a bad file is a result to record, not a reason to stop."""
+    from PIL import Image
+
     try:
-        return load_image(sample.path), None
+        return load_image(path), None
     except ImageLoadError as exc:
         return None, str(exc)
+    except Image.DecompressionBombError as exc:  # PIL refuses images above 2 x Image.MAX_IMAGE_PIXELS
+        return None, f"cannot load image '{path}': too large to decode safely ({exc})"
+
+
+def _load(sample: Sample):
+    return try_load(sample.path)
 
 
 def _existing(out_dir: str) -> dict[str, dict]:
