@@ -164,7 +164,7 @@ class RMSNorm(nn.Layer):
     def forward(self, x):
         dtype = x.dtype
         x = x.astype("float32")
-        x = x * paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * paddle.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.astype(dtype)
 
 
