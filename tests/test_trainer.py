@@ -194,3 +194,19 @@ def test_train_tool_names_the_missing_key(tmp_path, capsys, monkeypatch):
         tool.main(["-c", os.path.join(os.path.dirname(tools), "configs", "tiny_cpu.yaml"), "-o",
                    f"model.path={tmp_path / 'm'}", f"data.train.root={tmp_path / 'nowhere'}"])
     assert exc.value.code == 2 and "data.train.root" in capsys.readouterr().err
+
+
+def test_num_iterations_reuses_one_rollout_and_checkpoints_at_block_ends(assets, tmp_path, varied_rewards):
+    from ppiad.config import load_config
+    from ppiad.rl.checkpoint import list_checkpoints
+    from ppiad.rl.trainer import GRPOTrainer
+
+    cfg = load_config(None, tiny_overrides(assets, str(tmp_path), "iters", "grpo.num_iterations=2",
+                                           "train.max_steps=2", "train.save_every=1"))
+    GRPOTrainer(cfg).train()
+    rows = _metrics(os.path.join(str(tmp_path), "iters"))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "reward/total" in rows[0] and "reward/total" not in rows[1]  # step 2 reused step 1's rollouts
+    assert rows[1]["ratio"] != 1.0  # the policy moved since the rollout: the ratio is live
+    names = [os.path.basename(p) for p in list_checkpoints(os.path.join(str(tmp_path), "iters"))]
+    assert names == ["step_000002"]  # not inside the block, where resuming could not be exact
