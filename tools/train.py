@@ -1,7 +1,8 @@
 """Train LoRA adapters of Qwen2-VL with GRPO (LR-IAD).
 
     python tools/train.py -c configs/tiny_cpu.yaml
-    python tools/train.py -c configs/lriad_mvtec.yaml -o model.path=/models/Qwen2-VL-7B-Instruct data.train.root=/data/mvtec_ad
+    python tools/train.py -c configs/lriad_mvtec.yaml -o model.path=/models/Qwen2-VL-7B-Instruct \
+        data.train.root=/data/mvtec_ad
     python -m paddle.distributed.launch --gpus 0,1,2,3 tools/train.py -c configs/lriad_mvtec.yaml
     python tools/train.py -c configs/lriad_mvtec.yaml -o train.resume=auto      # continue the latest checkpoint
 

@@ -19,6 +19,7 @@ and the scheduler, so a resumed run computes the same next step as an uninterrup
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -280,7 +281,9 @@ class GRPOTrainer:
         agg: dict = {}
         for i, mb in enumerate(buffer):
             last = i == len(buffer) - 1
-            sync = self.wrapped.no_sync() if (not last and hasattr(self.wrapped, "no_sync")) else _null()
+            # DataParallel: all-reduce the gradients once, after the last micro-batch
+            defer = not last and hasattr(self.wrapped, "no_sync")
+            sync = self.wrapped.no_sync() if defer else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     logp = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"], mb["mask"],
@@ -312,7 +315,7 @@ class GRPOTrainer:
     def _autocast(self):
         if self.bf16:
             return paddle.amp.auto_cast(enable=True, dtype="bfloat16", level="O1")
-        return _null()
+        return contextlib.nullcontext()
 
     # -- the loop ------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -356,8 +359,10 @@ class GRPOTrainer:
                           "training in float32")
         if resume:
             self._resume(resume)
-        first = self.plan.prompts(self.start_step)[:2]
-        self.log.info(f"first prompts of this rank: {[os.path.basename(os.path.dirname(s.path)) + '/' + os.path.basename(s.path) for s in first]}")
+        elif cfg.train.resume == "auto":
+            self.log.info(f"train.resume=auto: no checkpoint in {self.run_dir}, starting from step 0")
+        first = [os.path.join(*s.path.split(os.sep)[-3:]) for s in self.plan.prompts(self.start_step)[:2]]
+        self.log.info(f"first prompts of this rank: {first}")
         self.log.info(f"training {len(self.samples)} images ({self.class_factors}), {self.env.world_size} "
                       f"process(es), sharding={cfg.distributed.sharding}, {self.total_steps} steps "
                       f"({self.plan.steps_per_epoch} per epoch), {sum(int(np.prod(p.shape)) for p in self.trainable)} "
@@ -451,14 +456,6 @@ class GRPOTrainer:
         self.log.close()
         return {"step": step, "run_dir": self.run_dir, "checkpoint": last_saved, "metrics": metrics,
                 "adapter_sha256": digest, "stopped": stopped, "rank": self.env.rank}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _mean_stats(items: list[dict]) -> dict:
