@@ -157,6 +157,11 @@ def expand_image_inputs(model, input_ids, image_grid_thw, image_embeds, rows: Se
     return grid, paddle.concat(token_chunks, axis=0)
 
 
+def _core(model):
+    """The model itself, or the layer inside a paddle.DataParallel wrapper (for config / get_rope_index)."""
+    return model if hasattr(model, "get_rope_index") else getattr(model, "_layers", model)
+
+
 def _repeat_rows(x, g: int):
     return x if x is None or g == 1 else paddle.repeat_interleave(x, g, axis=0)
 
@@ -367,6 +372,7 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     the G rows of each prompt). Runs in the model's current train/eval mode: call it under
     `adapters_disabled(model)` for the reference policy.
     """
+    core = _core(model)
     input_ids = inputs["input_ids"]
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
@@ -377,13 +383,13 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     if n != b * num_samples:
         raise ValueError(f"completion_logprobs: {n} sequences for {b} prompts x {num_samples} samples")
     if image_embeds is None and inputs.get("pixel_values") is not None:
-        image_embeds = model.get_image_embeds(inputs["pixel_values"], grid)
+        image_embeds = core.get_image_embeds(inputs["pixel_values"], grid)
     rows = [r // num_samples for r in range(n)]
-    grid_r, embeds_r = expand_image_inputs(model, input_ids, grid, image_embeds, rows)
+    grid_r, embeds_r = expand_image_inputs(core, input_ids, grid, image_embeds, rows)
     full_ids = paddle.concat([_repeat_rows(input_ids, num_samples), sequences.astype(input_ids.dtype)], axis=1)
     full_mask = paddle.concat([_repeat_rows(attention_mask.astype("int64"), num_samples),
                                completion_mask.astype("int64")], axis=1)
-    position_ids, _ = model.get_rope_index(full_ids, grid_r, full_mask)
+    position_ids, _ = core.get_rope_index(full_ids, grid_r, full_mask)
     out = model(input_ids=full_ids, attention_mask=full_mask, image_embeds=embeds_r, image_grid_thw=grid_r,
                 position_ids=position_ids, logits_to_keep=t + 1)
     # Logits at position i predict token i + 1: the completion is predicted from t_prompt - 1 on, i.e. by
