@@ -41,11 +41,11 @@ CONFIGS = {
 REF_PYTHON = os.environ.get("PPIAD_REF_PYTHON", os.path.join(ROOT, ".venv-ref", "bin", "python"))
 
 
-def make_inputs(proc, batch):
+def make_inputs(proc, batch, size):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
     return proc.build_inputs(images, ["bottle"] * batch)
 
 
@@ -92,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-ref", action="store_true", help="time ppiad only")
+    ap.add_argument("--image-size", type=int, default=224, help="square test images (640 -> ~650-token prompts)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides")
     ap.add_argument("--no-mkl-avx2", action="store_true", help="do not set MKL_DEBUG_CPU_TYPE=5")
     args = ap.parse_args(argv)
@@ -114,7 +115,7 @@ def main(argv=None):
             proc = Qwen2VLProcessor.from_pretrained(model_dir)
             n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
             for batch in [int(b) for b in args.batches.split(",")]:
-                inputs = make_inputs(proc, batch)
+                inputs = make_inputs(proc, batch, args.image_size)
                 inputs_path = os.path.join(tmp, "inputs.npz")
                 np.savez(inputs_path, **{k: v.numpy() for k, v in inputs.items()})
                 mine, theirs = [], []

@@ -270,3 +270,12 @@ def test_bad_arguments_are_rejected(tiny):
     res = generate(model, inputs, max_new_tokens=2, eos_token_ids=proc.eos_token_ids)
     with pytest.raises(ValueError, match="3 samples"):
         completion_logprobs(model, inputs, res.sequences, res.completion_mask, 3)
+
+
+def test_keep_freed_memory_is_idempotent():
+    import sys
+
+    first = gen.keep_freed_memory()
+    assert gen.keep_freed_memory() == first
+    if sys.platform.startswith("linux"):
+        assert first is True  # glibc's mallopt accepted both settings

@@ -99,6 +99,36 @@ def _p_a(logit_a: float, logit_b: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# CPU runtime
+# ---------------------------------------------------------------------------------------------------------
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks of 128 KiB to 32 MiB back to the OS (Linux/glibc only; once).
+
+    Each decode step allocates new KV tensors of a few MB; by default glibc serves them with fresh mmap()
+    pages and unmaps them on free, so every step page-faults them in again. Measured on a [8, 2, 1300, 64]
+    cache concat: 4.3 ms -> 0.2 ms, which makes decode-step time flat in the context length. Cost: the
+    process keeps up to 1 GiB of freed heap instead of returning it. Returns True if the setting took.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3   # mallopt parameter numbers from <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+        ok = libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Result
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
@@ -250,6 +280,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
     if answer_token_ids is None and tokenizer is not None:
         answer_token_ids = AnswerTokens.from_tokenizer(tokenizer)
+    keep_freed_memory()
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)
         pad_token_id = eos_token_ids[0] if pad_token_id is None else pad_token_id
