@@ -291,10 +291,11 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
     grid = inputs.get("image_grid_thw")
     g = num_samples
     b, t_prompt = input_ids.shape
+    core = _core(model)
     with paddle.no_grad(), _eval_mode(model), _seeded(seed):
         if image_embeds is None and inputs.get("pixel_values") is not None:
-            image_embeds = model.get_image_embeds(inputs["pixel_values"], grid)   # once for all prompts
-        position_ids, rope_deltas = model.get_rope_index(input_ids, grid, attention_mask)
+            image_embeds = core.get_image_embeds(inputs["pixel_values"], grid)   # once for all prompts
+        position_ids, rope_deltas = core.get_rope_index(input_ids, grid, attention_mask)
         out = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                     image_grid_thw=grid, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         # Share the prefill among the G samples of each prompt.
@@ -311,7 +312,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         zero = paddle.zeros([n], dtype="float32")
         finished = paddle.zeros([n], dtype="bool")
         tokens, logps, valid, cand_logits = [], [], [], []
-        banned = _banned_ids(model)
+        banned = _banned_ids(core)
         for step in range(max_new_tokens):
             nxt = _pick(logits + banned, do_sample, temperature, top_p, top_k)
             # log p(chosen) = logit - logsumexp (Paddle's CPU log_softmax is ~100x slower than logsumexp)
@@ -357,7 +358,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                 scores[r] = _p_a(*cand_np[r, step, 2 * pair:2 * pair + 2])
             if missing and force_answer_score:
                 rows = [r // g for r in missing]
-                scores[missing] = _forced_scores(model, input_ids, attention_mask, grid, image_embeds, rows,
+                scores[missing] = _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, rows,
                                                  [bodies[r] for r in missing], answer_token_ids, pad_token_id)
                 for r in missing:
                     forced[r] = True
@@ -367,7 +368,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                             image_embeds=image_embeds, texts=texts, forced_score=forced)
 
 
-def _forced_scores(model, input_ids, attention_mask, grid, image_embeds, rows, bodies, answer: AnswerTokens,
+def _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, rows, bodies, answer: AnswerTokens,
                    pad_token_id) -> np.ndarray:
     """P(A) after appending the answer opener to each truncated completion: one batched forward."""
     ids_np, mask_np = input_ids.numpy(), attention_mask.numpy()
@@ -383,8 +384,8 @@ def _forced_scores(model, input_ids, attention_mask, grid, image_embeds, rows, b
         ids[i, width - len(s):] = s
         mask[i, width - len(s):] = 1
     ids_t, mask_t = paddle.to_tensor(ids), paddle.to_tensor(mask)
-    grid_r, embeds_r = expand_image_inputs(model, input_ids, grid, image_embeds, rows)
-    position_ids, _ = model.get_rope_index(ids_t, grid_r, mask_t)
+    grid_r, embeds_r = expand_image_inputs(core, input_ids, grid, image_embeds, rows)
+    position_ids, _ = core.get_rope_index(ids_t, grid_r, mask_t)
     out = model(input_ids=ids_t, attention_mask=mask_t, image_embeds=embeds_r, image_grid_thw=grid_r,
                 position_ids=position_ids, logits_to_keep=1)
     last = _last_logits(out).numpy()
