@@ -140,6 +140,19 @@ SCHEMA: dict = {
         "threshold": Field(-1.0, float, "fixed P(A) threshold: verdict defect when P(A) >= threshold (e.g. the "
                            "'calibrated.threshold' of an eval on held-out normals); -1 = the model's A/B answer"),
     },
+    "demo": {
+        "train_images": Field(1000, int, "synthetic training images the demo generates (at data.train.root)"),
+        "test_images": Field(300, int, "held-out synthetic images, another seed (at data.eval.root)"),
+        "defect_ratio": Field(0.11, float, "share of defect images in both synthetic trees (VisA-like)"),
+        "image_size": Field(112, int, "side of the synthetic images in pixels"),
+        "hidden_size": Field(128, int, "tiny stand-in: decoder hidden size"),
+        "layers": Field(4, int, "tiny stand-in: decoder layers"),
+        "vision_embed_dim": Field(64, int, "tiny stand-in: vision tower width"),
+        "warmstart_steps": Field(120, int, "format-only supervised warm-start steps"),
+        "warmstart_batch_size": Field(8, int, "images per warm-start step"),
+        "warmstart_lr": Field(2e-3, float, "warm-start learning rate (all weights of the tiny model)"),
+        "infer_images": Field(4, int, "held-out images the demo inspects with tools/infer.py --save_vis"),
+    },
 }
 
 

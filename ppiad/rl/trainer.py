@@ -222,6 +222,9 @@ class GRPOTrainer:
             if not os.path.exists(cfg.model.adapter):
                 raise ConfigError(f"model.adapter '{cfg.model.adapter}' does not exist")
             load_adapter(model, cfg.model.adapter)
+        # With adapters inside the vision tower, image features differ between policy and reference and
+        # need gradients, so they cannot be shared from the rollout: recompute them in each forward.
+        self.share_image_embeds = not any(name.startswith("visual.") for name in lora_layers(model))
 
     # -- one step ------------------------------------------------------------------------------------------
     def _rollout(self, step: int, micro: int, batch: list) -> dict:
@@ -243,6 +246,7 @@ class GRPOTrainer:
                            seed=derive_seed(cfg.seed, "rollout", step, micro, self.env.rank),
                            force_answer_score=False)
         t1 = time.perf_counter()
+        shared_embeds = res.image_embeds if self.share_image_embeds else None
         token_p = res.answer_scores.numpy()
         total, per_reward, weights = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
                                                      token_p=token_p, class_factors=self.class_factors)
@@ -250,7 +254,7 @@ class GRPOTrainer:
         core.eval()  # the reference also with beta = 0: the KL to the base policy is worth logging
         with paddle.no_grad(), adapters_disabled(core), self._autocast():
             ref = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
-                                      image_embeds=res.image_embeds).detach()
+                                      image_embeds=shared_embeds).detach()
         t2 = time.perf_counter()
         groups = np.asarray(total).reshape(-1, g.num_generations)
         stats = {
@@ -265,7 +269,7 @@ class GRPOTrainer:
             stats[f"reward/{name}"] = float(np.mean(values))
         return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
                 "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
-                "advantages": adv, "image_embeds": res.image_embeds, "stats": stats,
+                "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
                 "seconds_rollout": t1 - t0, "seconds_reference": t2 - t1}
 
     def _update(self, buffer: list) -> dict:
