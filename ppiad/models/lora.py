@@ -45,9 +45,12 @@ def target_regexes(target_modules: Sequence[str]) -> list[str]:
 
     Anchored on `model.layers.<i>.self_attn.` / `.mlp.` so the vision tower (`visual.blocks.*.attn.qkv`)
     never matches.
+    A target containing a dot is taken as a regex over full layer names instead, for stand-ins whose vision
+    tower must adapt too (the demo's random tiny model adapts `visual.blocks.<i>.attn.qkv` and friends).
     """
-    names = "|".join(re.escape(t) for t in target_modules)
-    return [rf"model\.layers\.\d+\.(self_attn|mlp)\.({names})"]
+    names = "|".join(re.escape(t) for t in target_modules if "." not in t)
+    regexes = [rf"model\.layers\.\d+\.(self_attn|mlp)\.({names})"] if names else []
+    return regexes + [t for t in target_modules if "." in t]
 
 
 def lora_layers(model: paddle.nn.Layer) -> "OrderedDict[str, paddle.nn.Layer]":

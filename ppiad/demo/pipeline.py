@@ -1,0 +1,189 @@
+"""The embedded default end to end: synthetic data, tiny stand-in, format warm start, GRPO, evaluation, inspection.
+
+Each stage leaves its output where the config says (data roots, model.path, the run directory) and is skipped
+when that output is already complete, so an interrupted demo continues where it stopped. Training,
+evaluation and inspection run through the real command-line tools, exactly as a user would run them; the
+demo prints each command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from ppiad.config import Config
+from ppiad.data.registry import build_dataset
+from ppiad.utils.io import atomic_write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                   "generation_config.json")
+
+
+def run_dir(cfg: Config) -> str:
+    return os.path.join(cfg.output_dir, cfg.run_name)
+
+
+def prepare_data(cfg: Config, log: Callable = print) -> None:
+    """Two synthetic MVTec-layout trees from different seeds: GRPO trains on one, evaluation uses the other."""
+    from ppiad.data.synthetic import generate_synthetic
+
+    d = cfg.demo
+    for root, n, seed in ((cfg.data.train.root, d.train_images, cfg.seed),
+                          (cfg.data.eval.root, d.test_images, cfg.seed + 1)):
+        if os.path.exists(os.path.join(root, "synthetic.json")):
+            log(f"[data] {root} exists, kept")
+            continue
+        generate_synthetic(root, num_images=n, defect_ratio=d.defect_ratio, size=d.image_size, seed=seed,
+                           overwrite=os.path.exists(root))
+        log(f"[data] wrote {n} synthetic images (defect ratio {d.defect_ratio}) to {root}")
+
+
+def prepare_model(cfg: Config, log: Callable = print) -> None:
+    """Build the tiny random Qwen2-VL and warm-start it on the format only; the result is model.path."""
+    from ppiad.demo.warmstart import warm_start
+    from ppiad.models.processor import Qwen2VLProcessor
+    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models.tiny import build_tiny_checkpoint
+
+    target = cfg.model.path
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        log(f"[model] {target} exists, kept")
+        return
+    d = cfg.demo
+    random_dir = os.path.join(run_dir(cfg), "tiny_random")
+    pixels = d.image_size * d.image_size
+    build_tiny_checkpoint(random_dir, seed=cfg.seed, hidden_size=d.hidden_size, layers=d.layers,
+                          intermediate_size=2 * d.hidden_size, vision_embed_dim=d.vision_embed_dim,
+                          vision_heads=4, min_pixels=min(pixels, cfg.model.min_pixels), max_pixels=pixels)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(random_dir)
+    processor = Qwen2VLProcessor.from_pretrained(random_dir, min_pixels=cfg.model.min_pixels,
+                                                 max_pixels=cfg.model.max_pixels)
+    n_params = sum(int(p.size) for p in model.parameters())
+    log(f"[model] tiny Qwen2-VL stand-in: {n_params / 1e6:.2f}M parameters, hidden {d.hidden_size}, "
+        f"{d.layers} layers; format-only warm start, {d.warmstart_steps} steps")
+    samples = build_dataset(cfg.data.train, cfg.data.object_names)
+    t0 = time.perf_counter()
+    losses = warm_start(model, processor, samples, steps=d.warmstart_steps, batch_size=d.warmstart_batch_size,
+                        learning_rate=d.warmstart_lr, seed=cfg.seed, log=lambda m: log(f"[model] {m}"))
+    tmp = target.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in PROCESSOR_FILES:
+        shutil.copy(os.path.join(random_dir, name), tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # the model appears complete or not at all
+    log(f"[model] warm start done in {time.perf_counter() - t0:.0f} s (final loss {losses[-1]:.3f}): {target}")
+
+
+def run_tool(tool: str, config_path: str, overrides: Sequence[str], extra: Sequence[str] = (),
+             log: Callable = print) -> None:
+    """Run tools/<tool>.py as a user would, echoing the command; a failure stops the demo."""
+    cmd = [sys.executable, os.path.join("tools", f"{tool}.py"), "-c", config_path, *extra]
+    if overrides:
+        cmd += ["-o", *overrides]
+    log("$ " + " ".join(_quote(c) for c in cmd))
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"tools/{tool}.py failed with exit code {result.returncode}")
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(ch in arg for ch in " \\|()[]{}") else arg
+
+
+def headline(metrics: dict) -> dict:
+    """The figures the demo reports: F1-macro, accuracy, defect recall, false-alarm rate, invalid rate."""
+    o = metrics["overall"]
+    (tn, fp), (fn, tp) = o["confusion"]
+    return {"f1_macro": o["f1_macro"], "accuracy": o["accuracy"], "defect_recall": o["recall"]["defect"],
+            "false_alarm_rate": fp / (tn + fp) if tn + fp else None, "invalid_rate": o["invalid_rate"],
+            "auroc": o["auroc"], "n": o["n"]}
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{100 * x:6.2f}"
+
+
+def summary_table(rows: dict) -> str:
+    keys = ("f1_macro", "accuracy", "defect_recall", "false_alarm_rate", "invalid_rate", "auroc")
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, h in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(h[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def pick_inspection_images(cfg: Config) -> list:
+    """A few held-out images for the drawn inspection, defects and normals from different categories."""
+    samples = build_dataset(cfg.data.eval, cfg.data.object_names)
+    defects = [s for s in samples if s.is_defect]
+    normals = [s for s in samples if not s.is_defect]
+    picked: list = []
+    while len(picked) < cfg.demo.infer_images and (defects or normals):
+        pool = (defects, normals)[len(picked) % 2] or defects or normals
+        used = {s.category for s in picked}
+        choice = next((s for s in pool if s.category not in used), pool[0])
+        pool.remove(choice)
+        picked.append(choice)
+    return picked
+
+
+def run_demo(cfg: Config, config_path: str, overrides: Sequence[str], log: Callable = print) -> dict:
+    from ppiad.rl.checkpoint import find_latest
+
+    t_start = time.perf_counter()
+    out = run_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    prepare_data(cfg, log)
+    prepare_model(cfg, log)
+
+    eval_warm = os.path.join(out, "eval_warmstart")
+    log("[eval] the warm-started model, before GRPO (its answers were trained to be random)")
+    run_tool("eval", config_path, [*overrides, "model.adapter="], ["--output_dir", eval_warm, "--no_progress"], log)
+
+    log("[train] GRPO with the format and focal rewards")
+    run_tool("train", config_path, [*overrides, "train.resume=auto"], log=log)
+    adapter = find_latest(out)
+    if adapter is None:
+        raise RuntimeError(f"training wrote no checkpoint under {out}")
+
+    eval_grpo = os.path.join(out, "eval_grpo")
+    log("[eval] after GRPO")
+    run_tool("eval", config_path, [*overrides, f"model.adapter={adapter}"],
+             ["--output_dir", eval_grpo, "--no_progress"], log)
+
+    vis_dir = os.path.join(out, "vis")
+    log("[infer] inspecting a few held-out images")
+    inspect_dir = os.path.join(out, "inspect")
+    os.makedirs(inspect_dir, exist_ok=True)
+    for s in pick_inspection_images(cfg):
+        # A copy with a telling, unique name: the drawing is named after the image.
+        image = os.path.join(inspect_dir, f"{s.category}_{s.defect_type}_{os.path.basename(s.path)}")
+        shutil.copy(s.path, image)
+        run_tool("infer", config_path, [*overrides, f"model.adapter={adapter}"],
+                 ["--image", image, "--object", s.object_name, "--save_vis", vis_dir], log)
+
+    rows = {}
+    for name, d in (("warm start (before GRPO)", eval_warm), ("after GRPO", eval_grpo)):
+        with open(os.path.join(d, "metrics.json"), encoding="utf-8") as f:
+            rows[name] = headline(json.load(f))
+    summary = {"rows": rows, "adapter": adapter, "seconds": time.perf_counter() - t_start,
+               "reports": {"warmstart": eval_warm, "grpo": eval_grpo}, "vis": vis_dir,
+               "vdl": os.path.join(out, "vdl")}
+    atomic_write_json(os.path.join(out, "demo_summary.json"), summary)
+    log("")
+    log(f"Held-out synthetic test set ({rows['after GRPO']['n']} images), percent:")
+    log(summary_table(rows))
+    log("")
+    log(f"report and figure : {os.path.join(eval_grpo, 'report.md')}, {os.path.join(eval_grpo, 'report.png')}")
+    log(f"before GRPO       : {os.path.join(eval_warm, 'report.md')}")
+    log(f"visualisations    : {vis_dir}/")
+    log(f"adapter           : {adapter}")
+    log(f"VisualDL curves   : .venv/bin/visualdl --logdir {summary['vdl']} --host 127.0.0.1 --port 8040 "
+        f"--language en --disable-telemetry   (then open http://127.0.0.1:8040)")
+    log(f"total time        : {summary['seconds'] / 60:.1f} min")
+    return summary
