@@ -268,3 +268,13 @@ if __name__ == "__main__":
     print(focal_table())
     print("VisA factors:", {k: round(v, 4) for k, v in F.items()}, "ratio", round(F["defect"] / F["normal"], 3),
           "gamma-2 hard:easy", math.pow(3, 2))
+
+
+def test_focal_weight_zero_switches_the_advantage_weights_off_too():
+    # format + accuracy only: the focal modulation must not scale the advantages behind the user's back
+    cfg = rewards_cfg(mode="advantage_weight", gamma=2.0, alpha=1.0)
+    cfg["focal_weight"], cfg["accuracy_weight"] = 0.0, 1.0
+    comps = [GOOD["A"], GOOD["B"], GOOD["B"], GOOD["B"]]
+    total, _, w = compute_rewards(cfg, comps, [sample("defect")], 4, class_factors=class_factors(VISA_COUNTS))
+    np.testing.assert_allclose(w, 1.0)
+    np.testing.assert_allclose(total, [2, 1, 1, 1])

@@ -185,14 +185,14 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
 
     total = rewards_cfg["format_weight"] * fmt + rewards_cfg["accuracy_weight"] * acc
     mode = focal_cfg["mode"]
+    if mode not in ("reward", "advantage_weight"):
+        raise ValueError(f"rewards.focal.mode must be reward or advantage_weight, got {mode!r}")
+    weights = np.ones(n)
     if mode == "reward":
         total = total + rewards_cfg["focal_weight"] * focal
-        weights = np.ones(n)
-    elif mode == "advantage_weight":
+    elif rewards_cfg["focal_weight"] != 0:  # advantage_weight; with the focal reward off, nothing to weigh
         total = total + rewards_cfg["focal_weight"] * acc
         weights = mod * 2.0 ** focal_cfg["gamma"]  # (1 - p)^gamma -> (2 (1 - p))^gamma: the p = 1/2 pivot
-    else:
-        raise ValueError(f"rewards.focal.mode must be reward or advantage_weight, got {mode!r}")
     return total, per_reward, weights
 
 
