@@ -172,6 +172,108 @@ def test_logprobs_gradients_reach_lora_and_reference_is_base(tmp_path):
     np.testing.assert_allclose(ref.numpy(), base_lp, atol=1e-5)
 
 
+# ---- shared-prompt teacher forcing -------------------------------------------------------------------------
+def _full_forward_logprobs(model, inputs, sequences, mask, g, image_embeds=None):
+    """The plain way: prompt repeated G times + completion, one forward over all N rows (no cache)."""
+    core = gen._core(model)
+    ids, pmask, grid = inputs["input_ids"], inputs["attention_mask"].astype("int64"), inputs["image_grid_thw"]
+    if image_embeds is None:
+        image_embeds = core.get_image_embeds(inputs["pixel_values"], grid)
+    n, t = sequences.shape
+    grid_r, embeds_r = gen.expand_image_inputs(core, ids, grid, image_embeds, [r // g for r in range(n)])
+    full_ids = paddle.concat([paddle.repeat_interleave(ids, g, axis=0), sequences], axis=1)
+    full_mask = paddle.concat([paddle.repeat_interleave(pmask, g, axis=0), mask.astype("int64")], axis=1)
+    pos, _ = core.get_rope_index(full_ids, grid_r, full_mask)
+    logits = model(input_ids=full_ids, attention_mask=full_mask, image_embeds=embeds_r, image_grid_thw=grid_r,
+                   position_ids=pos).logits[:, ids.shape[1] - 1:-1].astype("float32")
+    chosen = paddle.take_along_axis(logits, sequences.unsqueeze(-1), axis=-1)[..., 0]
+    return (chosen - paddle.logsumexp(logits, axis=-1)) * mask
+
+
+def _completions(model, g, t=9, seed=0):
+    """Random text completions for 2 prompts x g rows, of lengths t, 3, 5, 1, ... (mask 1 then 0)."""
+    cfg = model.config
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    vocab = [i for i in range(cfg.vocab_size) if i not in special]
+    rng = np.random.default_rng(seed)
+    seqs = rng.choice(vocab, size=(2 * g, t)).astype("int64")
+    lengths = [t, 3, 5, 1, 7, 2][:2 * g]
+    mask = (np.arange(t)[None, :] < np.array(lengths)[:, None]).astype("float32")
+    return paddle.to_tensor(seqs), paddle.to_tensor(mask)
+
+
+def test_shared_prompt_logprobs_equal_full_forward_and_prompt_runs_once(tiny):
+    model, proc = tiny
+    inputs = _inputs(proc)
+    mask_np = inputs["attention_mask"].numpy()
+    assert mask_np.sum(axis=1)[0] < mask_np.sum(axis=1)[1]  # prompts of different lengths: left padding
+    seqs, mask = _completions(model, 3)
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda layer, args: shapes.append(list(args[0].shape[:2])))
+    try:
+        with paddle.no_grad():
+            lp = completion_logprobs(model, inputs, seqs, mask, 3)
+    finally:
+        hook.remove()
+    t_prompt = inputs["input_ids"].shape[1]
+    assert shapes == [[2, t_prompt], [6, seqs.shape[1]]]  # the prompt once per prompt, then the completions
+    with paddle.no_grad():
+        want = _full_forward_logprobs(model, inputs, seqs, mask, 3)
+    np.testing.assert_allclose(lp.numpy(), want.numpy(), atol=1e-5)
+    assert (lp.numpy()[mask.numpy() == 0] == 0).all() and (lp.numpy()[mask.numpy() == 1] < 0).all()
+    # a single completion token: only the prompt pass's last logits count
+    with paddle.no_grad():
+        one = completion_logprobs(model, inputs, seqs[:, :1], mask[:, :1], 3)
+    np.testing.assert_allclose(one.numpy(), want.numpy()[:, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("vision_lora", [False, True])
+def test_shared_prompt_gradients_equal_full_forward(tmp_path, vision_lora):
+    from ppiad.models.processor import Qwen2VLProcessor
+    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(str(tmp_path), seed=3)
+    proc = Qwen2VLProcessor.from_pretrained(path)
+    targets = ["q_proj", "v_proj"] + ([r"visual\.blocks\.\d+\.attn\.qkv"] if vision_lora else [])
+    model = apply_lora(Qwen2VLForConditionalGeneration.from_pretrained(path), r=4, alpha=16, dropout=0.0,
+                       target_modules=targets)
+    params = lora_parameters(model)
+    ids = {id(p) for p in params}
+    name_of = {id(p): n for n, p in model.named_parameters() if id(p) in ids}
+    names = [name_of[id(p)] for p in params]
+    rng = np.random.default_rng(1)
+    for p in params[1::2]:  # lora_B is zero after apply_lora: make the adapters matter
+        p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
+    model.train()
+    inputs = _inputs(proc)
+    seqs, mask = _completions(model, 3, seed=2)
+    weights = paddle.to_tensor(rng.normal(0, 1, seqs.shape).astype("float32"))  # a loss like GRPO's
+    embeds = None if vision_lora else model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"])
+
+    def grads(fn):
+        for p in params:
+            p.clear_gradient()
+        lp = fn(model, inputs, seqs, mask, 3, embeds)
+        (lp * weights).sum().backward()
+        return lp.numpy(), [p.grad.numpy().copy() for p in params]
+
+    lp_new, g_new = grads(completion_logprobs)
+    lp_old, g_old = grads(_full_forward_logprobs)
+    np.testing.assert_allclose(lp_new, lp_old, atol=1e-5)
+    n_vision = 0
+    for name, a, b in zip(names, g_new, g_old):
+        assert np.abs(b).sum() > 0, name
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), name
+        n_vision += name.startswith("visual.")
+    assert (n_vision > 0) == vision_lora  # the vision tower's adapters get (equal) gradients too
+    with paddle.no_grad(), adapters_disabled(model):
+        ref = completion_logprobs(model, inputs, seqs, mask, 3)
+        base = _full_forward_logprobs(model, inputs, seqs, mask, 3)
+    np.testing.assert_allclose(ref.numpy(), base.numpy(), atol=1e-5)
+    assert np.abs(ref.numpy() - lp_new).max() > 1e-3  # disabling the adapters changed the policy
+
+
 # ---- answer scores ----------------------------------------------------------------------------------------
 def _scripted(monkeypatch, script):
     """Make generate emit `script` (one list of ids per row) instead of choosing tokens."""

@@ -192,6 +192,14 @@ def _core(model):
     return model if hasattr(model, "get_rope_index") else getattr(model, "_layers", model)
 
 
+def _model_layer(model):
+    """The model layer itself, also behind a training proxy (ppiad.rl.trainer's _ForwardVia keeps it as
+    `_core`) whose calls return the logits only: for passes that need the full output (past_key_values)."""
+    core = _core(model)
+    inner = getattr(core, "_core", None)
+    return core if inner is None else inner
+
+
 def _repeat_rows(x, g: int):
     return x if x is None or g == 1 else paddle.repeat_interleave(x, g, axis=0)
 
@@ -399,9 +407,13 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
                         num_samples: int, image_embeds: Optional[paddle.Tensor] = None) -> paddle.Tensor:
     """log p(sequences[r, j] | prompt, sequences[r, :j]) for every row, [N, T] float32, 0 where the mask is 0.
 
-    One forward over prompt (repeated G times) + completion, with gradients when enabled. Pass
-    `image_embeds` from the GenerationResult to skip the vision tower (computed once, then repeated for
-    the G rows of each prompt). Runs in the model's current train/eval mode: call it under
+    The prompt is computed once per prompt, not once per completion: a forward over the B prompts
+    (`use_cache=True`) gives the KV cache and the logits of the last prompt position (they predict
+    completion token 0); the cache is repeated G times on the batch axis and the N = B*G completions run on
+    top of it. Gradients (when enabled) flow through the repeat back into the shared prompt pass, so the
+    numbers and gradients equal one full forward over prompt + completion per row, at ~1/G of the prompt
+    cost. Pass `image_embeds` from the GenerationResult to skip the vision tower. Runs in the model's
+    current train/eval mode (LoRA dropout on the prompt is then shared by its G rows): call it under
     `adapters_disabled(model)` for the reference policy.
     """
     core = _core(model)
@@ -409,24 +421,34 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = paddle.ones_like(input_ids)
+    attention_mask = attention_mask.astype("int64")
     grid = inputs.get("image_grid_thw")
     b, t_prompt = input_ids.shape
     n, t = sequences.shape
-    if n != b * num_samples:
-        raise ValueError(f"completion_logprobs: {n} sequences for {b} prompts x {num_samples} samples")
+    g = num_samples
+    if n != b * g:
+        raise ValueError(f"completion_logprobs: {n} sequences for {b} prompts x {g} samples")
     if image_embeds is None and inputs.get("pixel_values") is not None:
         image_embeds = core.get_image_embeds(inputs["pixel_values"], grid)
-    rows = [r // num_samples for r in range(n)]
-    grid_r, embeds_r = expand_image_inputs(core, input_ids, grid, image_embeds, rows)
-    full_ids = paddle.concat([_repeat_rows(input_ids, num_samples), sequences.astype(input_ids.dtype)], axis=1)
-    full_mask = paddle.concat([_repeat_rows(attention_mask.astype("int64"), num_samples),
-                               completion_mask.astype("int64")], axis=1)
-    position_ids, _ = core.get_rope_index(full_ids, grid_r, full_mask)
-    out = model(input_ids=full_ids, attention_mask=full_mask, image_embeds=embeds_r, image_grid_thw=grid_r,
-                position_ids=position_ids, logits_to_keep=t + 1)
-    # Logits at position i predict token i + 1: the completion is predicted from t_prompt - 1 on, i.e. by
-    # the first t of the last t + 1 positions (the prompt's vocabulary projection is never computed).
-    logits = out.logits[:, :t, :].astype("float32")
+    # 1. prompt pass on the B prompts, on the model layer itself: it must return the cache, and a
+    # DataParallel wrapper must see only the last forward before backward (its reducer is prepared from
+    # that output, whose graph reaches every parameter through the cache).
+    position_ids, rope_deltas = core.get_rope_index(input_ids, grid, attention_mask)
+    out = _model_layer(model)(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+                              image_grid_thw=grid, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = [(_repeat_rows(k, g), _repeat_rows(v, g)) for k, v in out.past_key_values]
+    first = _repeat_rows(out.logits, g)                                          # [N, 1, V] predicts token 0
+    # 2. completion pass on the N rows. Completion token j sits at padded index t_prompt + j, so its rotary
+    # position is t_prompt + j + rope_delta (text after the prompt), as in `generate`'s decode steps.
+    # Masked tokens (after the stop token) are neither seen by valid ones nor counted.
+    deltas = _repeat_rows(rope_deltas.reshape([b, 1]).astype("int64"), g)
+    pos = paddle.arange(t_prompt, t_prompt + t, dtype="int64").unsqueeze(0) + deltas
+    pos = pos.unsqueeze(0).expand([3, n, t])
+    mask = paddle.concat([_repeat_rows(attention_mask, g), completion_mask.astype("int64")], axis=1)
+    # The last completion token predicts nothing we need; feeding it anyway keeps one code path for T = 1.
+    out = model(input_ids=sequences.astype(input_ids.dtype), attention_mask=mask, position_ids=pos,
+                past_key_values=cache, use_cache=False)
+    logits = paddle.concat([first, out.logits[:, :t - 1, :]], axis=1).astype("float32")   # [N, T, V]
     chosen = paddle.take_along_axis(logits, sequences.astype("int64").unsqueeze(-1), axis=-1)[..., 0]
     logp = chosen - paddle.logsumexp(logits, axis=-1)
     return logp * completion_mask.astype("float32")
