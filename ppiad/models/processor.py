@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ppiad.models.tokenizer import QwenTokenizer
+from ppiad.utils.io import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -199,11 +200,7 @@ def load_chat_template(path: str) -> tuple[str, str]:
     """
     json_file = os.path.join(path, "chat_template.json")
     if os.path.isfile(json_file):
-        try:
-            with open(json_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"'{json_file}' is not valid JSON: {exc}") from None
+        data = read_json(json_file)
         if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
             raise ValueError(f"'{json_file}' must hold {{\"chat_template\": \"<jinja text>\"}}")
         return data["chat_template"], json_file
@@ -245,13 +242,7 @@ class Qwen2VLProcessor:
             raise FileNotFoundError(f"model directory '{path}' does not exist")
         tokenizer = QwenTokenizer.from_pretrained(path)
         pre_file = os.path.join(path, "preprocessor_config.json")
-        pre_cfg = {}
-        if os.path.isfile(pre_file):
-            try:
-                with open(pre_file, encoding="utf-8") as f:
-                    pre_cfg = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"'{pre_file}' is not valid JSON: {exc}") from None
+        pre_cfg = read_json(pre_file) if os.path.isfile(pre_file) else {}
         image_processor = ImageProcessor.from_config(pre_cfg, min_pixels, max_pixels, source=pre_file)
         template, source = load_chat_template(path)
         return cls(tokenizer, image_processor, template, source, max_prompt_length)

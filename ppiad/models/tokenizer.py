@@ -8,10 +8,11 @@ shared/notes/paddle-stack.md), which makes it easy to load a wrong vocabulary wi
 """
 from __future__ import annotations
 
-import json
 import os
 
 from tokenizers import AddedToken, Tokenizer
+
+from ppiad.utils.io import read_json
 
 # Qwen2-VL's defaults; a checkpoint's tokenizer_config.json may name others.
 DEFAULT_PAD = "<|endoftext|>"
@@ -59,14 +60,8 @@ class QwenTokenizer:
             tokenizer = Tokenizer.from_file(tok_file)
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"cannot read tokenizer file '{tok_file}': {exc}") from None
-        config = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(cfg_file):
-            try:
-                with open(cfg_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"'{cfg_file}' is not valid JSON: {exc}") from None
+        config = read_json(cfg_file) if os.path.isfile(cfg_file) else {}
         return cls(tokenizer, config, source=path)
 
     # -- ids <-> text -------------------------------------------------------------------------------------

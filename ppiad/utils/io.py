@@ -60,3 +60,12 @@ def read_jsonl(path: str) -> list[dict]:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON line: {exc}") from exc
     return records
+
+
+def read_json(path: str):
+    """Load a JSON file; a malformed one raises ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'{path}' is not valid JSON: {exc}") from None
