@@ -211,3 +211,17 @@ def test_num_iterations_reuses_one_rollout_and_checkpoints_at_block_ends(assets,
     assert rows[1]["ratio"] != 1.0  # the policy moved since the rollout: the ratio is live
     names = [os.path.basename(p) for p in list_checkpoints(os.path.join(str(tmp_path), "iters"))]
     assert names == ["step_000002"]  # not inside the block, where resuming could not be exact
+
+
+def test_kl_is_zero_with_fresh_adapters_and_positive_with_trained_ones(assets, tmp_path, varied_rewards):
+    """The reference is the same network with adapters off: fresh adapters (B = 0) change nothing, so the
+    first step's KL is exactly 0; the non-zero start adapter of `assets` gives a positive KL."""
+    from ppiad.config import load_config
+    from ppiad.rl.trainer import GRPOTrainer
+
+    out = str(tmp_path)
+    fresh = [o for o in tiny_overrides(assets, out, "fresh", "train.max_steps=1") if not o.startswith("model.adapter")]
+    GRPOTrainer(load_config(None, fresh)).train()
+    GRPOTrainer(load_config(None, tiny_overrides(assets, out, "trained", "train.max_steps=1"))).train()
+    assert _metrics(os.path.join(out, "fresh"))[0]["kl"] == 0.0
+    assert _metrics(os.path.join(out, "trained"))[0]["kl"] > 1e-4
