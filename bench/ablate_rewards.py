@@ -38,6 +38,7 @@ SETTINGS = {
     "focal_adv_token": ("format + focal, advantage_weight mode, p from the answer token",
                         ["rewards.focal.mode=advantage_weight", "rewards.focal.p_source=token"]),
 }
+METRICS = ("f1_macro", "defect_recall", "false_alarm_rate", "accuracy", "auroc")
 
 
 def main() -> int:
@@ -71,7 +72,7 @@ def main() -> int:
             with open(metrics_path, encoding="utf-8") as f:
                 results[name]["runs"][seed] = headline(json.load(f))
         runs = list(results[name]["runs"].values())
-        for key in ("f1_macro", "defect_recall", "false_alarm_rate", "accuracy"):
+        for key in METRICS:
             vals = np.array([r[key] for r in runs if r[key] is not None], dtype=float)
             results[name][key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
         atomic_write_json(os.path.join(out_root, "results.json"),
@@ -79,11 +80,11 @@ def main() -> int:
 
     print(f"\nReward ablation: {steps} GRPO steps, seeds {args.seeds}, held-out synthetic test set (percent, "
           f"mean +- std over seeds)\n")
-    print("| setting | F1-macro | defect recall | false-alarm rate | accuracy |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| setting | F1-macro | defect recall | false-alarm rate | accuracy | AUROC |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         cells = [f"{100 * r[k]['mean']:.1f} +- {100 * r[k]['std']:.1f}"
-                 for k in ("f1_macro", "defect_recall", "false_alarm_rate", "accuracy")]
+                 for k in METRICS]
         print(f"| {r['description']} | " + " | ".join(cells) + " |")
     return 0
 
