@@ -136,6 +136,10 @@ def test_save_load_round_trip_exact(tmp_path):
     # ... and into a bare model (adapters added from adapter_config.json), via the file path
     m3 = load_adapter(_model(), str(tmp_path / "ad" / ADAPTER_WEIGHTS))
     np.testing.assert_array_equal(m3(IDS).numpy(), want)
+    # ... and through a trainer's `latest` pointer file, as the README's eval command uses it
+    (tmp_path / "latest").write_text("ad\n")
+    m4 = load_adapter(_model(), str(tmp_path / "latest"))
+    np.testing.assert_array_equal(m4(IDS).numpy(), want)
 
 
 def test_safetensors_layout_is_peft_like(tmp_path):

@@ -187,6 +187,10 @@ def _to_numpy(t: paddle.Tensor) -> np.ndarray:
 
 
 def _resolve(path: str) -> tuple[str, str | None]:
+    if os.path.basename(path) == "latest" and os.path.isfile(path):
+        # A trainer's checkpoints/latest pointer: a one-line file naming the newest checkpoint directory.
+        with open(path, encoding="utf-8") as f:
+            path = os.path.join(os.path.dirname(path), f.read().strip())
     if os.path.isdir(path):
         weights = os.path.join(path, ADAPTER_WEIGHTS)
         config = os.path.join(path, ADAPTER_CONFIG)
