@@ -25,3 +25,14 @@ def require_ref_python() -> str:
     if not os.path.exists(REF_PYTHON):
         pytest.skip(f"reference virtualenv not found at {REF_PYTHON} (`make venv-ref` creates it)")
     return REF_PYTHON
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    spec = importlib.util.spec_from_file_location(f"ppiad_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

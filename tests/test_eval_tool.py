@@ -1,5 +1,4 @@
 """tools/eval.py and tools/infer.py end to end with the tiny Qwen2-VL checkpoint on a small synthetic tree."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,10 @@ from PIL import Image
 from ppiad.config import load_config
 from ppiad.utils.io import read_jsonl
 
+from tests.conftest import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 8
-
-
-def _load_tool(name):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    spec = importlib.util.spec_from_file_location(f"ppiad_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def test_eval_resume_and_adapter_in_process(setup):
     from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
     base, cfg = setup
-    eval_tool = _load_tool("eval")
+    eval_tool = load_tool("eval")
     out = str(base / "resume")
     counters = []
 
@@ -135,7 +128,7 @@ def test_tools_bad_input_exit_2(setup, tmp_path, capsys):
     assert proc.returncode == 2 and "no_such_model" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     # The rest in-process (same main(), no interpreter start-up).
-    eval_tool, infer_tool = _load_tool("eval"), _load_tool("infer")
+    eval_tool, infer_tool = load_tool("eval"), load_tool("infer")
     img = next(str(p) for p in sorted((base / "synth").rglob("*.png")))
     cases = [(eval_tool, ["-c", cfg, "-o", "eval.calibrat=true"], "unknown config key 'eval.calibrat'"),
              (eval_tool, ["-c", cfg, "-o", f"data.eval.root={tmp_path / 'nodata'}"], "data.eval.root"),

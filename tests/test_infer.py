@@ -1,8 +1,6 @@
 """tools/infer.py on awkward inputs, with a stand-in predictor (the model-backed run is in test_eval_tool.py)."""
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,18 +8,12 @@ from PIL import Image
 
 from ppiad.eval.predictor import Prediction, fit_aspect
 
+from tests.conftest import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_tool(name):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    spec = importlib.util.spec_from_file_location(f"ppiad_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-infer = _load_tool("infer")
+infer = load_tool("infer")
 
 
 class FakePredictor:
