@@ -82,12 +82,13 @@ def prepare_model(cfg: Config, log: Callable = print) -> None:
 
 def run_tool(tool: str, config_path: str, overrides: Sequence[str], extra: Sequence[str] = (),
              log: Callable = print) -> None:
-    """Run tools/<tool>.py as a user would, echoing the command; a failure stops the demo."""
-    cmd = [sys.executable, os.path.join("tools", f"{tool}.py"), "-c", config_path, *extra]
+    """Run tools/<tool>.py as a user would (same working directory, so relative paths in the config mean
+    the same as in this process), echoing the command; a failure stops the demo."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"), "-c", config_path, *extra]
     if overrides:
         cmd += ["-o", *overrides]
     log("$ " + " ".join(_quote(c) for c in cmd))
-    result = subprocess.run(cmd, cwd=ROOT)
+    result = subprocess.run(cmd)
     if result.returncode != 0:
         raise RuntimeError(f"tools/{tool}.py failed with exit code {result.returncode}")
 
