@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from ppiad.config import Config
 from ppiad.data.registry import build_dataset
+from ppiad.eval.metrics import false_alarm_rate
 from ppiad.utils.io import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,9 +101,8 @@ def _quote(arg: str) -> str:
 def headline(metrics: dict) -> dict:
     """The figures the demo reports: F1-macro, accuracy, defect recall, false-alarm rate, invalid rate."""
     o = metrics["overall"]
-    (tn, fp), (fn, tp) = o["confusion"]
     return {"f1_macro": o["f1_macro"], "accuracy": o["accuracy"], "defect_recall": o["recall"]["defect"],
-            "false_alarm_rate": fp / (tn + fp) if tn + fp else None, "invalid_rate": o["invalid_rate"],
+            "false_alarm_rate": false_alarm_rate(o), "invalid_rate": o["invalid_rate"],
             "auroc": o["auroc"], "n": o["n"]}
 
 

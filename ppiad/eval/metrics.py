@@ -138,6 +138,15 @@ def compute_metrics(labels: Sequence[int], preds: Sequence[Optional[int]],
     return out
 
 
+def false_alarm_rate(metrics: dict) -> Optional[float]:
+    """Share of normal images flagged as defects, from a metrics dict's confusion matrix (None without normals)."""
+    conf = metrics.get("confusion")
+    if not conf:
+        return None
+    tn, fp = conf[0]
+    return fp / (tn + fp) if tn + fp else None
+
+
 def threshold_at_fpr(labels: Sequence[int], scores: Sequence[float], target_fpr: float) -> float:
     """The P(A) threshold t (predict defect when score >= t) with the highest defect recall whose false-alarm
     rate on normal samples is <= target_fpr. It is one of the scores, or just above the highest score when

@@ -37,6 +37,7 @@ import numpy as np
 
 from ppiad.data.images import ImageLoadError, load_image
 from ppiad.data.sample import DEFECT, Sample
+from ppiad.eval.metrics import false_alarm_rate
 from ppiad.eval.predictor import Predictor
 from ppiad.utils.distributed import launched_world as dist_info  # (rank, world) from the launcher
 from ppiad.utils.io import append_jsonl, atomic_write_text, read_jsonl
@@ -221,18 +222,10 @@ def calibrated_markdown(cal: dict) -> str:
     if plain:
         lines.append(f"| A/B answer | {_pct(plain.get('accuracy'))} | {_pct(plain.get('f1_macro'))} | "
                      f"{_pct(plain.get('balanced_accuracy'))} | {_pct((plain.get('recall') or {}).get('defect'))} "
-                     f"| {_pct(_fpr_of(plain))} |")
+                     f"| {_pct(false_alarm_rate(plain))} |")
     lines.append(f"| P(A) >= {cal['threshold']:.4f} | {_pct(o.get('accuracy'))} | {_pct(o.get('f1_macro'))} | "
                  f"{_pct(o.get('balanced_accuracy'))} | {_pct(recall)} | {_pct(cal['fpr'])} |")
     return "\n".join(lines + [""])
-
-
-def _fpr_of(m: dict):
-    conf = m.get("confusion")
-    if not conf:
-        return None
-    tn, fp = conf[0]
-    return fp / (tn + fp) if tn + fp else None
 
 
 def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str, batch_size: int = 8,
