@@ -97,7 +97,8 @@ SCHEMA: dict = {
     },
     "grpo": {
         "num_generations": Field(4, int, "completions sampled per prompt (G)"),
-        "beta": Field(0.04, float, "KL coefficient to the adapter-free reference policy"),
+        "beta": Field(0.04, float, "KL coefficient to the adapter-free reference policy; 0 skips the reference "
+                      "pass (no KL term, none logged)"),
         "epsilon": Field(0.2, float, "clipping range of the probability ratio"),
         "num_iterations": Field(1, int, "policy updates per rollout batch"),
         "advantage_norm": Field("std", str, "group normalisation of rewards", ("std", "mean_only")),
