@@ -70,6 +70,8 @@ SCHEMA: dict = {
         "enabled": Field(True, bool, "train LoRA adapters (the base model stays frozen)"),
         "r": Field(4, int, "LoRA rank"),
         "alpha": Field(16, int, "LoRA alpha (scaling = alpha / r)"),
+        "plus_ratio": Field(1.0, float, "LoRA+: lora_B's learning rate = this x train.learning_rate, lora_A's = "
+                            "train.learning_rate (Hayou et al. 2024 use 16 with Adam); 1 = plain LoRA"),
         "dropout": Field(0.1, float, "LoRA dropout"),
         "target_modules": Field(["q_proj", "v_proj"], list, "decoder projections that get adapters",
                                 item_type=str),

@@ -225,3 +225,27 @@ def test_kl_is_zero_with_fresh_adapters_and_positive_with_trained_ones(assets, t
     GRPOTrainer(load_config(None, tiny_overrides(assets, out, "trained", "train.max_steps=1"))).train()
     assert _metrics(os.path.join(out, "fresh"))[0]["kl"] == 0.0
     assert _metrics(os.path.join(out, "trained"))[0]["kl"] > 1e-4
+
+
+def test_lora_plus_ratio_scales_the_b_steps_and_answer_p_is_logged(assets, tmp_path, varied_rewards):
+    """Adam's first step moves every parameter with a gradient by about the learning rate, so with
+    lora.plus_ratio=16 the lora_B matrices move 16 times as far as lora_A (LoRA+), and with 1 equally far."""
+    from ppiad.config import load_config
+    from ppiad.rl.checkpoint import read_adapter_tensors
+    from ppiad.rl.trainer import GRPOTrainer
+
+    start = read_adapter_tensors(assets["adapter"])
+    steps = {}
+    for ratio in (1, 16):
+        summary = GRPOTrainer(load_config(None, tiny_overrides(
+            assets, str(tmp_path), f"plus{ratio}", "train.max_steps=1", "train.learning_rate=0.001",
+            "grpo.beta=0", f"lora.plus_ratio={ratio}"))).train()
+        after = read_adapter_tensors(summary["checkpoint"])
+        steps[ratio] = {part: max(float(np.abs(after[k] - start[k]).max()) for k in start if k.endswith(part))
+                        for part in ("lora_A", "lora_B")}
+        metrics = _metrics(os.path.join(str(tmp_path), f"plus{ratio}"))[0]
+        assert any(k.startswith("answer_p/") for k in metrics)
+    assert steps[1]["lora_A"] == pytest.approx(1e-3, rel=0.05)
+    assert steps[1]["lora_B"] == pytest.approx(1e-3, rel=0.05)
+    assert steps[16]["lora_A"] == pytest.approx(1e-3, rel=0.05)
+    assert steps[16]["lora_B"] == pytest.approx(16e-3, rel=0.05)

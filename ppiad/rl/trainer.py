@@ -269,6 +269,13 @@ class GRPOTrainer:
         }
         for name, values in per_reward.items():
             stats[f"reward/{name}"] = float(np.mean(values))
+        # Is the policy learning to discriminate? Its mean P(A) on this step's defect and normal images; the
+        # gap between the two opens as it learns. NaN when a class is absent (every rank logs the same keys;
+        # the logger drops non-finite values).
+        is_defect = np.repeat([s.is_defect for s in batch], g.num_generations)
+        for name, rows in (("defect", is_defect), ("normal", ~is_defect)):
+            vals = token_p[rows & ~np.isnan(token_p)]
+            stats[f"answer_p/{name}"] = float(vals.mean()) if vals.size else float("nan")
         return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
                 "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
                 "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
@@ -311,6 +318,18 @@ class GRPOTrainer:
         agg["seconds_update"] = time.perf_counter() - t0
         return agg
 
+    def _param_groups(self):
+        """The adapters as AdamW parameter groups. LoRA+ (Hayou et al. 2024): lora_B learns `lora.plus_ratio`
+        times faster than lora_A (a group's learning_rate is a factor on the schedule's); 1 = plain LoRA."""
+        ratio = self.cfg.lora.plus_ratio
+        if ratio == 1.0:
+            return self.trainable
+        from ppiad.models.lora import lora_layers
+
+        b_ids = {id(layer.lora_B) for layer in lora_layers(self.core).values()}
+        return [{"params": [p for p in self.trainable if id(p) not in b_ids]},
+                {"params": [p for p in self.trainable if id(p) in b_ids], "learning_rate": ratio}]
+
     def _grad_norm(self) -> float:
         sq = 0.0
         for p in self.trainable:
@@ -345,7 +364,7 @@ class GRPOTrainer:
         self.trainable = lora_parameters(self.core)
         self.scheduler = build_scheduler(cfg, self.total_steps)
         clip = paddle.nn.ClipGradByGlobalNorm(cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
-        optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self.trainable,
+        optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self._param_groups(),
                                            weight_decay=cfg.train.weight_decay, grad_clip=clip,
                                            multi_precision=self.bf16)
         if self.env.enabled:
@@ -466,4 +485,8 @@ class GRPOTrainer:
 
 def _mean_stats(items: list[dict]) -> dict:
     keys = items[0].keys() if items else []
-    return {k: float(np.mean([d[k] for d in items])) for k in keys}
+    means = {}
+    for k in keys:
+        vals = np.array([d[k] for d in items], dtype=np.float64)
+        means[k] = float(vals[~np.isnan(vals)].mean()) if (~np.isnan(vals)).any() else float("nan")
+    return means
