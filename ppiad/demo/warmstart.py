@@ -16,23 +16,16 @@ import paddle
 from ppiad.data.images import load_image
 from ppiad.data.sample import Sample
 
-# Generic inspection sentences: none carries information about the verdict.
-_THINK_OPENERS = (
-    "I inspect the {obj}.",
-    "The image shows a {obj}.",
-    "I look at the {obj}.",
-)
-_THINK_BODIES = (
-    "I check its surface.",
-    "I look for defects.",
-    "I compare it with a normal {obj}.",
-)
+# One generic inspection sentence: it carries nothing about the verdict, and being the same for every image it
+# is learned to near certainty, so GRPO's rollouts keep the format and the policy gradient is carried by the
+# answer token. (With three openers x three bodies drawn at random, ~15% of temperature-1 rollouts broke the
+# format and their low-probability tokens dominated the gradient; docs/results.md.)
+THINK_TEMPLATE = "I inspect the {obj}. I look for defects."
 
 
 def format_only_completion(object_name: str, rng: random.Random) -> str:
-    """One warm-start target: generic reasoning and an answer drawn at random (A or B, 50/50)."""
-    think = " ".join([rng.choice(_THINK_OPENERS), rng.choice(_THINK_BODIES)]).format(obj=object_name)
-    return f"<think>{think}</think> <answer>{rng.choice('AB')}</answer>"
+    """One warm-start target: the generic reasoning and an answer drawn at random (A or B, 50/50)."""
+    return f"<think>{THINK_TEMPLATE.format(obj=object_name)}</think> <answer>{rng.choice('AB')}</answer>"
 
 
 def warm_start(model, processor, samples: Sequence[Sample], *, steps: int, batch_size: int = 8,
