@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/probe_learnability.py features     # linear probe on the frozen vision features
     .venv/bin/python bench/probe_learnability.py answer --steps 150 [--targets q_proj v_proj]
+    .venv/bin/python bench/probe_learnability.py policy --steps 200 [--balanced] [--no-class-weights]
 
 `features`: mean/max/min/std-pooled image embeddings of the warm-started model (model.path), a balanced
 logistic regression fitted on the training tree, AUROC on the held-out tree: is the defect information in the
@@ -10,6 +11,10 @@ random vision tower's output at all?
 fixed think text) through LoRA with the demo's targets, on class-balanced batches of 8, then held-out AUROC
 of P(A): the best case for the image path, with every label known and no sampling noise. GRPO sees the
 same path with sampled answers and the natural 11% defect rate.
+`policy`: the policy gradient on the answer token alone, as GRPO would give it without any think text: per
+image G = 4 answers sampled from P(A), reward 1 if right, group-normalised advantages times the focal class
+weights (inverse class frequency x (2(1 - share right))^2, the trainer's default), 16 natural-ratio images a
+step (`--balanced`: 8 half-defect; `--no-class-weights`: plain advantages). Between `answer` and the trainer.
 Both use configs/demo.yaml's data and model (run `make demo` first, or anything that prepares them).
 """
 from __future__ import annotations
@@ -102,14 +107,59 @@ def probe_answer(cfg, model, processor, train, test, steps: int, lr: float, targ
                   flush=True)
 
 
+def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targets, balanced: bool,
+                 class_weights: bool, group: int = 4) -> None:
+    from ppiad.models.lora import apply_lora, lora_parameters
+
+    apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, targets)
+    optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=lora_parameters(model), weight_decay=0.0)
+    defects, normals = [s for s in train if s.is_defect], [s for s in train if not s.is_defect]
+    factor = {True: len(train) / (2 * len(defects)), False: len(train) / (2 * len(normals))}
+    rng, sampler = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
+    think = "<think>I inspect the object. I look for defects.</think> "
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        if balanced:
+            batch = [rng.choice(defects) for _ in range(4)] + [rng.choice(normals) for _ in range(4)]
+        else:
+            batch = [train[rng.randrange(len(train))] for _ in range(16)]
+        y = np.array([float(s.is_defect) for s in batch])
+        d = answer_logits(model, processor, batch, think)
+        p_a = 1.0 / (1.0 + np.exp(-d.numpy()))
+        said_a = (sampler.random((len(batch), group)) < p_a[:, None]).astype(float)
+        right = (said_a == y[:, None]).astype(float)
+        adv = (right - right.mean(1, keepdims=True)) / (right.std(1, ddof=1, keepdims=True) + 1e-4)
+        if class_weights:
+            adv *= (np.array([factor[s.is_defect] for s in batch]) * (2 * (1 - right.mean(1))) ** 2)[:, None]
+        weight_a = paddle.to_tensor((adv * said_a).sum(1), dtype="float32")
+        weight_b = paddle.to_tensor((adv * (1 - said_a)).sum(1), dtype="float32")
+        log_sig = paddle.nn.functional.log_sigmoid
+        loss = -(weight_a * log_sig(d) + weight_b * log_sig(-d)).sum() / (len(batch) * group)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        if step % 25 == 0 or step == steps:
+            model.eval()
+            with paddle.no_grad():
+                scores = np.concatenate([answer_logits(model, processor, test[i:i + 32], think).numpy()
+                                         for i in range(0, len(test), 32)])
+            model.train()
+            print(f"step {step}: held-out AUROC "
+                  f"{100 * roc_auc(np.array([s.is_defect for s in test], dtype=float), scores):.1f}, mean P(A) "
+                  f"{np.mean(1 / (1 + np.exp(-scores))):.2f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=["features", "answer"])
+    p.add_argument("probe", choices=["features", "answer", "policy"])
     p.add_argument("-c", "--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
     p.add_argument("-o", "--opt", nargs="+", action="extend", default=[])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--targets", nargs="+", default=None, help="LoRA targets (default: the config's)")
+    p.add_argument("--balanced", action="store_true", help="policy: balanced batches of 8")
+    p.add_argument("--no-class-weights", dest="class_weights", action="store_false",
+                   help="policy: plain group advantages, no focal class weights")
     args = p.parse_args()
     cfg = load_config(args.config, args.opt)
     model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model.path)
@@ -119,8 +169,11 @@ def main() -> int:
     test = build_dataset(cfg.data.eval, cfg.data.object_names)
     if args.probe == "features":
         probe_features(cfg, model, processor, train, test)
-    else:
+    elif args.probe == "answer":
         probe_answer(cfg, model, processor, train, test, args.steps, args.lr, args.targets or cfg.lora.target_modules)
+    else:
+        probe_policy(cfg, model, processor, train, test, args.steps, args.lr, args.targets or cfg.lora.target_modules,
+                     args.balanced, args.class_weights)
     return 0
 
 
