@@ -269,13 +269,7 @@ class GRPOTrainer:
         }
         for name, values in per_reward.items():
             stats[f"reward/{name}"] = float(np.mean(values))
-        # Is the policy learning to discriminate? Its mean P(A) on this step's defect and normal images; the
-        # gap between the two opens as it learns. NaN when a class is absent (every rank logs the same keys;
-        # the logger drops non-finite values).
-        is_defect = np.repeat([s.is_defect for s in batch], g.num_generations)
-        for name, rows in (("defect", is_defect), ("normal", ~is_defect)):
-            vals = token_p[rows & ~np.isnan(token_p)]
-            stats[f"answer_p/{name}"] = float(vals.mean()) if vals.size else float("nan")
+        stats.update(answer_p_by_class(token_p, batch, g.num_generations))
         return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
                 "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
                 "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
@@ -481,6 +475,20 @@ class GRPOTrainer:
         self.log.close()
         return {"step": step, "run_dir": self.run_dir, "checkpoint": last_saved, "metrics": metrics,
                 "adapter_sha256": digest, "stopped": stopped, "rank": self.env.rank}
+
+
+def answer_p_by_class(token_p, batch: list, group_size: int) -> dict:
+    """Mean P(A) over the rollouts of the batch's defect and of its normal images: is the policy learning to
+    discriminate? The gap between the two opens as it does (accuracy alone hides it while the prior moves).
+    NaN for a class absent from the batch or without scored answers: every rank logs the same keys, and the
+    logger drops non-finite values."""
+    token_p = np.asarray(token_p, dtype=np.float64)
+    is_defect = np.repeat([s.is_defect for s in batch], group_size)
+    out = {}
+    for name, rows in (("defect", is_defect), ("normal", ~is_defect)):
+        vals = token_p[rows & ~np.isnan(token_p)]
+        out[f"answer_p/{name}"] = float(vals.mean()) if vals.size else float("nan")
+    return out
 
 
 def _mean_stats(items: list[dict]) -> dict:
