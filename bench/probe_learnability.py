@@ -80,6 +80,17 @@ def answer_logits(model, processor, samples, think: str):
     return lp_a - lp_b
 
 
+def held_out(model, processor, test, think: str) -> str:
+    """Held-out AUROC and mean of P(A) (two-way, after the fixed think text), as a log fragment."""
+    model.eval()
+    with paddle.no_grad():
+        scores = np.concatenate([answer_logits(model, processor, test[i:i + 32], think).numpy()
+                                 for i in range(0, len(test), 32)])
+    model.train()
+    auroc = roc_auc(np.array([s.is_defect for s in test], dtype=float), scores)
+    return f"held-out AUROC {100 * auroc:.1f}, mean P(A) {np.mean(1 / (1 + np.exp(-scores))):.2f}"
+
+
 def probe_answer(cfg, model, processor, train, test, steps: int, lr: float, targets) -> None:
     from ppiad.models.lora import apply_lora, lora_parameters
 
@@ -97,14 +108,8 @@ def probe_answer(cfg, model, processor, train, test, steps: int, lr: float, targ
         optimizer.step()
         optimizer.clear_grad()
         if step % 25 == 0 or step == steps:
-            model.eval()
-            with paddle.no_grad():
-                scores = np.concatenate([answer_logits(model, processor, test[i:i + 32], think).numpy()
-                                         for i in range(0, len(test), 32)])
-            model.train()
-            print(f"step {step} ({8 * step} labelled images, {4 * step} defects): held-out AUROC "
-                  f"{100 * roc_auc(np.array([s.is_defect for s in test], dtype=float), scores):.1f}   ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(f"step {step} ({8 * step} labelled images, {4 * step} defects): "
+                  f"{held_out(model, processor, test, think)}   ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targets, balanced: bool,
@@ -139,14 +144,8 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
         optimizer.step()
         optimizer.clear_grad()
         if step % 25 == 0 or step == steps:
-            model.eval()
-            with paddle.no_grad():
-                scores = np.concatenate([answer_logits(model, processor, test[i:i + 32], think).numpy()
-                                         for i in range(0, len(test), 32)])
-            model.train()
-            print(f"step {step}: held-out AUROC "
-                  f"{100 * roc_auc(np.array([s.is_defect for s in test], dtype=float), scores):.1f}, mean P(A) "
-                  f"{np.mean(1 / (1 + np.exp(-scores))):.2f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step}: {held_out(model, processor, test, think)}   ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
 
 
 def main() -> int:
