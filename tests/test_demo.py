@@ -28,7 +28,7 @@ def test_warmstart_targets_are_formatted_and_carry_no_label():
     assert all(p.strict for p in parsed)
     share_a = sum(p.answer == "A" for p in parsed) / len(parsed)
     assert 0.4 < share_a < 0.6  # the answer is a coin flip: nothing to learn about the image here
-    assert all("metal plate" in p.think for p in parsed)
+    assert len({p.think for p in parsed}) == 1  # one generic sentence, the same whatever the image
 
 
 def test_inspection_images_mix_defects_and_normals(tmp_path):

@@ -16,16 +16,18 @@ import paddle
 from ppiad.data.images import load_image
 from ppiad.data.sample import Sample
 
-# One generic inspection sentence: it carries nothing about the verdict, and being the same for every image it
-# is learned to near certainty, so GRPO's rollouts keep the format and the policy gradient is carried by the
-# answer token. (With three openers x three bodies drawn at random, ~15% of temperature-1 rollouts broke the
-# format and their low-probability tokens dominated the gradient; docs/results.md.)
-THINK_TEMPLATE = "I inspect the {obj}. I look for defects."
+# One short generic sentence: it carries nothing about the verdict, and being the same for every image it is
+# learned to near certainty, so GRPO's rollouts keep the format and the policy gradient is carried by the
+# answer token. Short, because every think token is paid for in each rollout and update. (With three openers
+# x three bodies drawn at random, ~15% of temperature-1 rollouts broke the format and their low-probability
+# tokens swamped the answer's gradient; docs/results.md.)
+THINK_TEXT = "I look for defects."
 
 
 def format_only_completion(object_name: str, rng: random.Random) -> str:
-    """One warm-start target: the generic reasoning and an answer drawn at random (A or B, 50/50)."""
-    return f"<think>{THINK_TEMPLATE.format(obj=object_name)}</think> <answer>{rng.choice('AB')}</answer>"
+    """One warm-start target: the generic reasoning and an answer drawn at random (A or B, 50/50). The object
+    is named in the prompt already; the think text does not repeat it."""
+    return f"<think>{THINK_TEXT}</think> <answer>{rng.choice('AB')}</answer>"
 
 
 def warm_start(model, processor, samples: Sequence[Sample], *, steps: int, batch_size: int = 8,
