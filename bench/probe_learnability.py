@@ -12,9 +12,10 @@ fixed think text) through LoRA with the demo's targets, on class-balanced batche
 of P(A): the best case for the image path, with every label known and no sampling noise. GRPO sees the
 same path with sampled answers and the natural 11% defect rate.
 `policy`: the policy gradient on the answer token alone, as GRPO would give it without any think text: per
-image G = 4 answers sampled from P(A), reward 1 if right, group-normalised advantages times the focal class
-weights (inverse class frequency x (2(1 - share right))^2, the trainer's default), 16 natural-ratio images a
-step (`--balanced`: 8 half-defect; `--no-class-weights`: plain advantages). Between `answer` and the trainer.
+image G = 4 answers sampled from P(A), scored by the trainer's rewards and advantages (`compute_rewards`,
+`weighted_advantages`; with the default config: focal class weights x (2(1 - share right))^2), 16
+natural-ratio images a step (`--balanced`: 8 half-defect; `--no-class-weights`: format + accuracy rewards,
+plain group advantages). Between `answer` and the trainer.
 Both use configs/demo.yaml's data and model (run `make demo` first, or anything that prepares them).
 """
 from __future__ import annotations
@@ -114,12 +115,19 @@ def probe_answer(cfg, model, processor, train, test, steps: int, lr: float, targ
 
 def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targets, balanced: bool,
                  class_weights: bool, group: int = 4) -> None:
+    import copy
+
     from ppiad.models.lora import apply_lora, lora_parameters
+    from ppiad.rl.grpo import weighted_advantages
+    from ppiad.rl.rewards import class_factors, compute_rewards
 
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, targets)
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=lora_parameters(model), weight_decay=0.0)
     defects, normals = [s for s in train if s.is_defect], [s for s in train if not s.is_defect]
-    factor = {True: len(train) / (2 * len(defects)), False: len(train) / (2 * len(normals))}
+    rewards_cfg = copy.deepcopy(cfg.rewards)
+    if not class_weights:  # correctness alone: plain group advantages
+        rewards_cfg["focal_weight"], rewards_cfg["accuracy_weight"] = 0.0, 1.0
+    factors = class_factors(train)
     rng, sampler = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
     think = "<think>I inspect the object. I look for defects.</think> "
     t0 = time.perf_counter()
@@ -128,14 +136,15 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
             batch = [rng.choice(defects) for _ in range(4)] + [rng.choice(normals) for _ in range(4)]
         else:
             batch = [train[rng.randrange(len(train))] for _ in range(16)]
-        y = np.array([float(s.is_defect) for s in batch])
         d = answer_logits(model, processor, batch, think)
         p_a = 1.0 / (1.0 + np.exp(-d.numpy()))
         said_a = (sampler.random((len(batch), group)) < p_a[:, None]).astype(float)
-        right = (said_a == y[:, None]).astype(float)
-        adv = (right - right.mean(1, keepdims=True)) / (right.std(1, ddof=1, keepdims=True) + 1e-4)
-        if class_weights:
-            adv *= (np.array([factor[s.is_defect] for s in batch]) * (2 * (1 - right.mean(1))) ** 2)[:, None]
+        # The trainer's own rewards and advantages, on the completions these answers stand for.
+        texts = [f"{think}<answer>{'A' if a else 'B'}</answer>" for a in said_a.reshape(-1)]
+        total, _, weights = compute_rewards(rewards_cfg, texts, batch, group, token_p=np.repeat(p_a, group),
+                                            class_factors=factors)
+        adv = weighted_advantages(total, weights, group, cfg.grpo.advantage_norm,
+                                  cfg.grpo.std_eps).reshape(len(batch), group)
         weight_a = paddle.to_tensor((adv * said_a).sum(1), dtype="float32")
         weight_b = paddle.to_tensor((adv * (1 - said_a)).sum(1), dtype="float32")
         log_sig = paddle.nn.functional.log_sigmoid
