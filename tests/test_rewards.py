@@ -85,6 +85,20 @@ def test_class_factors_auto_is_inverse_frequency_with_mean_one():
     assert f["defect"] == pytest.approx(2.128, rel=1e-3)
 
 
+def test_class_factors_sqrt_inverse_is_milder_with_mean_one():
+    f = class_factors(VISA_COUNTS, mode="sqrt_inverse")
+    n = sum(VISA_COUNTS.values())
+    assert (1200 * f["defect"] + 9621 * f["normal"]) / n == pytest.approx(1.0)
+    # the ratio is the square root of auto's (9621 / 1200 = 8.02 -> 2.83)
+    assert f["defect"] / f["normal"] == pytest.approx((9621 / 1200) ** 0.5)
+    auto = class_factors(VISA_COUNTS)
+    assert 1.0 < f["defect"] < auto["defect"] and auto["normal"] < f["normal"] < 1.0
+    # 11% defects (the demo): 2.36 and 0.83
+    f = class_factors(["defect"] * 11 + ["normal"] * 89, mode="sqrt_inverse")
+    assert f["defect"] == pytest.approx(2.365, abs=1e-3) and f["normal"] == pytest.approx(0.831, abs=1e-3)
+    assert class_factors([sample("normal")] * 3, mode="sqrt_inverse") == {"defect": 1.0, "normal": 1.0}
+
+
 def test_class_factors_modes_and_errors():
     assert class_factors([sample("normal")] * 3) == {"defect": 1.0, "normal": 1.0}  # absent class -> 1
     assert class_factors(None, mode="uniform") == {"defect": 1.0, "normal": 1.0}
