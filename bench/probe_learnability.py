@@ -36,6 +36,7 @@ import paddle  # noqa: E402
 from ppiad.config import load_config  # noqa: E402
 from ppiad.data.images import load_image  # noqa: E402
 from ppiad.data.registry import build_dataset  # noqa: E402
+from ppiad.demo.warmstart import THINK_TEXT  # noqa: E402
 from ppiad.eval.metrics import roc_auc  # noqa: E402
 from ppiad.models.processor import Qwen2VLProcessor  # noqa: E402
 from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
@@ -99,7 +100,7 @@ def probe_answer(cfg, model, processor, train, test, steps: int, lr: float, targ
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=lora_parameters(model), weight_decay=0.0)
     defects, normals = [s for s in train if s.is_defect], [s for s in train if not s.is_defect]
     rng = random.Random(cfg.seed)
-    think = "<think>I inspect the object. I look for defects.</think> "
+    think = f"<think>{THINK_TEXT}</think> "  # the demo warm start's fixed think
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         batch = [rng.choice(defects) for _ in range(4)] + [rng.choice(normals) for _ in range(4)]
@@ -129,7 +130,7 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
         rewards_cfg["focal_weight"], rewards_cfg["accuracy_weight"] = 0.0, 1.0
     factors = class_factors(train)
     rng, sampler = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
-    think = "<think>I inspect the object. I look for defects.</think> "
+    think = f"<think>{THINK_TEXT}</think> "  # the demo warm start's fixed think
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         if balanced:
