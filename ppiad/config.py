@@ -86,8 +86,9 @@ SCHEMA: dict = {
             "p_source": Field("group", str, "where p (probability of the correct answer) comes from",
                               ("group", "token")),
             "class_factors": Field("auto", str, "per-class factor f: auto = inverse training frequency "
-                                   "normalised to mean 1; uniform = 1; manual = factor_defect/factor_normal",
-                                   ("auto", "uniform", "manual")),
+                                   "normalised to mean 1; sqrt_inverse = its square root, normalised to mean 1; "
+                                   "uniform = 1; manual = factor_defect/factor_normal",
+                                   ("auto", "sqrt_inverse", "uniform", "manual")),
             "factor_defect": Field(1.0, float, "f for the defect class when class_factors = manual"),
             "factor_normal": Field(1.0, float, "f for the normal class when class_factors = manual"),
             "mode": Field("advantage_weight", str, "reward = focal reward added to the reward before group "
@@ -147,6 +148,8 @@ SCHEMA: dict = {
         "train_images": Field(1000, int, "synthetic training images the demo generates (at data.train.root)"),
         "test_images": Field(300, int, "held-out synthetic images, another seed (at data.eval.root)"),
         "defect_ratio": Field(0.11, float, "share of defect images in both synthetic trees (VisA-like)"),
+        "categories": Field([], list, "synthetic categories to generate (empty = all five: fabric, wood, "
+                            "metal_plate, washer, pill)", item_type=str),
         "image_size": Field(112, int, "side of the synthetic images in pixels"),
         "hidden_size": Field(128, int, "tiny stand-in: decoder hidden size"),
         "layers": Field(4, int, "tiny stand-in: decoder layers"),
