@@ -40,6 +40,14 @@ def test_inspection_images_mix_defects_and_normals(tmp_path):
     assert len({s.category for s in picked}) >= 3
 
 
+def test_demo_generates_only_the_configured_categories(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                      small_overrides(tmp_path) + ["demo.categories=[fabric, pill]"])
+    prepare_data(cfg, log=lambda m: None)
+    for root in (cfg.data.train.root, cfg.data.eval.root):
+        assert sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) == ["fabric", "pill"]
+
+
 def test_headline_false_alarm_rate():
     metrics = {"overall": {"confusion": [[8, 2], [1, 3]], "f1_macro": 0.7, "accuracy": 11 / 14,
                            "recall": {"defect": 0.75, "normal": 0.8}, "invalid_rate": 0.0, "auroc": None, "n": 14}}

@@ -40,7 +40,7 @@ def prepare_data(cfg: Config, log: Callable = print) -> None:
             log(f"[data] {root} exists, kept")
             continue
         generate_synthetic(root, num_images=n, defect_ratio=d.defect_ratio, size=d.image_size, seed=seed,
-                           overwrite=os.path.exists(root))
+                           categories=list(d.categories) or None, overwrite=os.path.exists(root))
         log(f"[data] wrote {n} synthetic images (defect ratio {d.defect_ratio}) to {root}")
 
 
