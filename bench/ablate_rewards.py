@@ -26,7 +26,8 @@ from ppiad.demo.pipeline import headline, prepare_data, prepare_model, run_tool 
 from ppiad.rl.checkpoint import find_latest  # noqa: E402
 from ppiad.utils.io import atomic_write_json  # noqa: E402
 
-# name -> (description, overrides). Every setting keeps the format reward (weight 1).
+# name -> (description, overrides). Every setting keeps the format reward (weight 1); the focal settings use the
+# config's class factors (configs/demo.yaml: sqrt_inverse) unless they name their own.
 SETTINGS = {
     "acc": ("format + accuracy", ["rewards.accuracy_weight=1", "rewards.focal_weight=0"]),
     "focal_reward_group": ("format + focal, reward mode, p from the group",
@@ -37,6 +38,9 @@ SETTINGS = {
                         ["rewards.focal.mode=advantage_weight", "rewards.focal.p_source=group"]),
     "focal_adv_token": ("format + focal, advantage_weight mode, p from the answer token",
                         ["rewards.focal.mode=advantage_weight", "rewards.focal.p_source=token"]),
+    "focal_adv_group_auto": ("format + focal, advantage_weight mode, p from the group, f = inverse frequency",
+                             ["rewards.focal.mode=advantage_weight", "rewards.focal.p_source=group",
+                              "rewards.focal.class_factors=auto"]),
 }
 METRICS = ("f1_macro", "defect_recall", "false_alarm_rate", "accuracy", "auroc")
 
