@@ -33,7 +33,7 @@ from ppiad.models.lora import apply_lora, lora_layers, lora_parameters  # noqa: 
 from ppiad.models.processor import Qwen2VLProcessor  # noqa: E402
 from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
 from ppiad.rl.grpo import grpo_loss, weighted_advantages  # noqa: E402
-from ppiad.rl.rewards import class_factors, compute_rewards  # noqa: E402
+from ppiad.rl.rewards import compute_rewards, factors_from_config  # noqa: E402
 
 
 def gradient(model, params, inputs, res, adv, mask, group_size, normalizer) -> np.ndarray:
@@ -63,7 +63,7 @@ def main() -> int:
     params = lora_parameters(model)
     answer_tokens = AnswerTokens.from_tokenizer(processor.tokenizer)
     train = build_dataset(cfg.data.train, cfg.data.object_names)
-    factors = class_factors(train)
+    factors = factors_from_config(cfg.rewards.focal, train)  # as the trainer does
     defects, normals = [s for s in train if s.is_defect], [s for s in train if not s.is_defect]
     rng = random.Random(cfg.seed)
     print(f"model {cfg.model.path}, top_p {g.top_p}, temperature {g.temperature}, G {g.num_generations}")

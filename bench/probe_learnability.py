@@ -120,7 +120,7 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
 
     from ppiad.models.lora import apply_lora, lora_parameters
     from ppiad.rl.grpo import weighted_advantages
-    from ppiad.rl.rewards import class_factors, compute_rewards
+    from ppiad.rl.rewards import compute_rewards, factors_from_config
 
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, targets)
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=lora_parameters(model), weight_decay=0.0)
@@ -128,7 +128,7 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
     rewards_cfg = copy.deepcopy(cfg.rewards)
     if not class_weights:  # correctness alone: plain group advantages
         rewards_cfg["focal_weight"], rewards_cfg["accuracy_weight"] = 0.0, 1.0
-    factors = class_factors(train)
+    factors = factors_from_config(cfg.rewards.focal, train)  # as the trainer does
     rng, sampler = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
     think = f"<think>{THINK_TEXT}</think> "  # the demo warm start's fixed think
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 from ppiad.config import defaults
 from ppiad.data.sample import Sample
 from ppiad.rl.grpo import group_advantages, weighted_advantages
-from ppiad.rl.rewards import REWARDS, class_factors, compute_rewards, probability_correct
+from ppiad.rl.rewards import REWARDS, class_factors, compute_rewards, factors_from_config, probability_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"A": "<think>a scratch on the cap</think> <answer>A</answer>",
@@ -109,6 +109,19 @@ def test_class_factors_modes_and_errors():
         class_factors([])
     with pytest.raises(ValueError, match="factor_defect"):
         class_factors(None, mode="manual", manual=(-1, 1))
+
+
+
+def test_factors_from_config_follows_the_configured_mode():
+    focal = defaults().rewards["focal"]
+    train = [sample("defect")] * 11 + [sample("normal")] * 89
+    for mode in ("auto", "sqrt_inverse"):
+        focal["class_factors"] = mode
+        assert factors_from_config(focal, train) == class_factors(train, mode=mode)
+        with pytest.raises(ValueError, match=f"class_factors = {mode} needs the training partition"):
+            factors_from_config(focal)
+    focal.update(class_factors="manual", factor_defect=3.0, factor_normal=0.5)
+    assert factors_from_config(focal) == factors_from_config(focal, train) == {"defect": 3.0, "normal": 0.5}
 
 
 # ---------------------------------------------------------------- compute_rewards

@@ -88,6 +88,9 @@ def probability_correct(correct: np.ndarray, samples: Sequence, group_size: int,
     return np.clip(p, 0.0, 1.0)
 
 
+DATA_DERIVED_FACTORS = ("auto", "sqrt_inverse")  # class-factor modes computed from the training partition
+
+
 def class_factors(samples_or_counts, mode: str = "auto", manual: tuple[float, float] = (1.0, 1.0)) -> dict:
     """Per-class factor f -> {"defect": f_d, "normal": f_n}.
 
@@ -110,7 +113,7 @@ def class_factors(samples_or_counts, mode: str = "auto", manual: tuple[float, fl
         if fd < 0 or fn < 0:
             raise ValueError(f"rewards.focal.factor_defect/factor_normal must be >= 0, got {fd}, {fn}")
         return {DEFECT: fd, NORMAL: fn}
-    if mode not in ("auto", "sqrt_inverse"):
+    if mode not in DATA_DERIVED_FACTORS:
         raise ValueError(f"rewards.focal.class_factors must be auto, sqrt_inverse, uniform or manual, got {mode!r}")
     if isinstance(samples_or_counts, Mapping):
         counts = {str(k): int(v) for k, v in samples_or_counts.items()}
@@ -168,8 +171,9 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
         weight alpha * f for every gamma (so a gamma ablation does not turn into a step-size ablation);
         harder rows weigh up to 2^gamma times more, easier ones less. Not renormalised over the batch: a
         batch of one prompt (the paper's layout) would cancel the weight again. See docs/method.md.
-    class_factors: {"defect": f_d, "normal": f_n}; required for focal.class_factors = auto (compute it once
-        from the training partition with `class_factors(train_samples)`), else derived from the config.
+    class_factors: {"defect": f_d, "normal": f_n}; required for focal.class_factors = auto or sqrt_inverse
+        (compute it once from the training partition with `factors_from_config(focal_cfg, train_samples)`),
+        else derived from the config.
     """
     focal_cfg = rewards_cfg["focal"]
     n = len(completions)
@@ -180,7 +184,7 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
         samples = [s for s in samples for _ in range(group_size)]
     if len(samples) != n:
         raise ValueError(f"{len(samples)} samples for {n} completions (need one per completion or per prompt)")
-    factors = class_factors if class_factors is not None else _factors_from_config(focal_cfg)
+    factors = class_factors if class_factors is not None else factors_from_config(focal_cfg)
 
     parsed = [parse_completion(t) for t in completions]
     ctx = dict(parsed=parsed, group_size=group_size, token_p=token_p)
@@ -205,9 +209,13 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
     return total, per_reward, weights
 
 
-def _factors_from_config(focal_cfg: Mapping) -> dict:
+def factors_from_config(focal_cfg: Mapping, samples=None) -> dict:
+    """The class factors `rewards.focal` asks for: from the training partition `samples` for the data-derived
+    modes (auto, sqrt_inverse), from the config alone for uniform and manual. The one place that maps the
+    config to `class_factors`, for the trainer and for the bench scripts that score rollouts like it."""
     mode = focal_cfg["class_factors"]
-    if mode in ("auto", "sqrt_inverse"):
+    if mode in DATA_DERIVED_FACTORS and samples is None:
         raise ValueError(f"rewards.focal.class_factors = {mode} needs the training partition's factors: pass "
-                         "class_factors=ppiad.rl.rewards.class_factors(train_samples) to compute_rewards")
-    return class_factors(None, mode=mode, manual=(focal_cfg["factor_defect"], focal_cfg["factor_normal"]))
+                         "class_factors=ppiad.rl.rewards.factors_from_config(focal_cfg, train_samples) to "
+                         "compute_rewards")
+    return class_factors(samples, mode=mode, manual=(focal_cfg["factor_defect"], focal_cfg["factor_normal"]))

@@ -340,7 +340,7 @@ class GRPOTrainer:
     def setup(self) -> None:
         from ppiad.models.generation import AnswerTokens
         from ppiad.models.lora import lora_parameters
-        from ppiad.rl.rewards import class_factors
+        from ppiad.rl.rewards import factors_from_config
         from ppiad.utils.logging import RunLogger
 
         cfg = self.cfg
@@ -348,8 +348,7 @@ class GRPOTrainer:
         self.bf16 = _bf16_on_gpu(cfg)
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
         self.samples = self._load_samples()
-        f = cfg.rewards.focal
-        self.class_factors = class_factors(self.samples, f.class_factors, (f.factor_defect, f.factor_normal))
+        self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
         self.plan, self.total_steps = make_plan(cfg, self.samples, self.env)
         self.processor = self._load_processor()
         self.answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
