@@ -112,6 +112,8 @@ SCHEMA: dict = {
         "temperature": Field(1.0, float, "rollout sampling temperature"),
         "top_p": Field(1.0, float, "rollout nucleus sampling threshold"),
         "top_k": Field(0, int, "rollout top-k (0 = off)"),
+        "min_p": Field(0.0, float, "rollout min-p: drop tokens below min_p x the top token's probability "
+                                   "(0 = off)"),
         "max_new_tokens": Field(256, int, "maximum completion length in rollouts"),
     },
     "train": {

@@ -76,6 +76,30 @@ def test_top_k_1_equals_greedy(tiny):
     np.testing.assert_array_equal(topk1.sequences.numpy(), greedy.sequences.numpy())
 
 
+def test_min_p_keeps_tokens_at_least_min_p_times_as_likely_as_the_top_one():
+    # probabilities 0.92 / 0.04 / 0.03 / 1e-4 x 100: at min_p 0.04 the floor is 0.0368, so token 1 stays (a
+    # confident model's minority answer keeps being explored) and tokens 2.. never appear (the stray tail)
+    probs = np.array([0.92, 0.04, 0.03] + [1e-4] * 100, dtype=np.float64)
+    logits = paddle.to_tensor(np.log(probs / probs.sum())[None].repeat(4000, 0).astype("float32"))
+    paddle.seed(0)
+    picked = gen._pick(logits, True, 1.0, 1.0, 0, min_p=0.04).numpy()
+    counts = np.bincount(picked, minlength=len(probs))
+    assert counts[2:].sum() == 0
+    assert 0.03 < counts[1] / len(picked) < 0.055  # renormalised share 0.04 / 0.96
+    paddle.seed(0)
+    nucleus = gen._pick(logits, True, 1.0, 0.9, 0).numpy()
+    assert set(nucleus.tolist()) == {0}  # top_p 0.9 keeps only the top token here: no exploration left
+    paddle.seed(0)
+    plain = gen._pick(logits, True, 1.0, 1.0, 0).numpy()
+    assert (plain >= 2).sum() > 0  # without a cut the tail is sampled
+
+
+def test_min_p_out_of_range_is_refused(tiny):
+    model, proc = tiny
+    with pytest.raises(ValueError, match="min_p"):
+        generate(model, _inputs(proc), do_sample=True, min_p=1.0, max_new_tokens=2, eos_token_ids=proc.eos_token_ids)
+
+
 def test_seed_makes_sampling_reproducible_and_restores_rng(tiny):
     model, proc = tiny
     inputs = _inputs(proc)

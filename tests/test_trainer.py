@@ -259,3 +259,18 @@ def test_answer_p_by_class():
     assert got == pytest.approx({"answer_p/defect": 0.8, "answer_p/normal": 0.2})
     only_normal = answer_p_by_class([0.5, 0.5], [SimpleNamespace(is_defect=False)], group_size=2)
     assert np.isnan(only_normal["answer_p/defect"]) and only_normal["answer_p/normal"] == 0.5
+
+
+def test_sampling_settings_out_of_range_are_refused_before_any_work():
+    from ppiad.config import ConfigError, load_config
+    from ppiad.utils.distributed import DistEnv
+    from ppiad.rl.trainer import make_plan
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    samples = list(range(8))
+    for bad in ("grpo.min_p=1.0", "grpo.top_p=0", "grpo.temperature=0", "grpo.min_p=-0.1"):
+        cfg = load_config(os.path.join(root, "configs", "tiny_cpu.yaml"), [bad])
+        with pytest.raises(ConfigError, match="'" + bad.split("=")[0].replace(".", r"\.") + "'"):
+            make_plan(cfg, samples, DistEnv(rank=0, world_size=1))
+    cfg = load_config(os.path.join(root, "configs", "tiny_cpu.yaml"), ["grpo.min_p=0.02", "grpo.top_p=1.0"])
+    make_plan(cfg, samples, DistEnv(rank=0, world_size=1))

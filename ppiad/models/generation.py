@@ -230,7 +230,8 @@ def _seeded(seed: Optional[int]) -> Iterator[None]:
         paddle.set_rng_state(state)
 
 
-def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> paddle.Tensor:
+def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
+          min_p: float = 0.0) -> paddle.Tensor:
     """Next token per row from float32 logits [N, V]."""
     if not do_sample:
         return paddle.argmax(logits, axis=-1)
@@ -238,6 +239,11 @@ def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: flo
     if top_k and top_k > 0 and top_k < scores.shape[-1]:
         kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
         scores = paddle.where(scores < kth, paddle.full_like(scores, -float("inf")), scores)
+    if min_p > 0.0:
+        # min-p: drop tokens less likely than min_p x the top token's probability. In log space that is
+        # score < max_score + log(min_p), so no softmax is needed.
+        floor = paddle.max(scores, axis=-1, keepdim=True) + float(np.log(min_p))
+        scores = paddle.where(scores < floor, paddle.full_like(scores, -float("inf")), scores)
     if top_p < 1.0:
         sorted_scores, order = paddle.topk(scores, scores.shape[-1], axis=-1)  # descending
         probs = F.softmax(sorted_scores, axis=-1)
@@ -269,7 +275,8 @@ def _last_logits(out) -> paddle.Tensor:
 # generate
 # ---------------------------------------------------------------------------------------------------------
 def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int = 256, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int],
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+             eos_token_ids: Sequence[int],
              answer_token_ids: Optional[AnswerTokens] = None, seed: Optional[int] = None, tokenizer=None,
              pad_token_id: Optional[int] = None, force_answer_score: bool = True,
              image_embeds: Optional[paddle.Tensor] = None) -> GenerationResult:
@@ -286,6 +293,8 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                          f"{max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 <= min_p < 1.0:
+        raise ValueError(f"generate: min_p must be within [0, 1), got {min_p}")
     if answer_token_ids is None and tokenizer is not None:
         answer_token_ids = AnswerTokens.from_tokenizer(tokenizer)
     keep_freed_memory()
@@ -322,7 +331,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         tokens, logps, valid, cand_logits = [], [], [], []
         banned = _banned_ids(core)
         for step in range(max_new_tokens):
-            nxt = _pick(logits + banned, do_sample, temperature, top_p, top_k)
+            nxt = _pick(logits + banned, do_sample, temperature, top_p, top_k, min_p)
             # log p(chosen) = logit - logsumexp (Paddle's CPU log_softmax is ~100x slower than logsumexp)
             logp = (paddle.index_sample(logits, nxt.unsqueeze(-1))
                     - paddle.logsumexp(logits, axis=-1, keepdim=True))[:, 0]

@@ -97,6 +97,11 @@ def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[Dat
         raise ConfigError("config keys 'train.prompts_per_device' and 'train.grad_accum_steps' must be >= 1")
     if k < 1:
         raise ConfigError("config key 'grpo.num_iterations' must be >= 1")
+    g = cfg.grpo
+    for key, ok, rule in (("temperature", g.temperature > 0, "> 0"), ("top_p", 0 < g.top_p <= 1, "in (0, 1]"),
+                          ("min_p", 0 <= g.min_p < 1, "in [0, 1)"), ("top_k", g.top_k >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"config key 'grpo.{key}' must be {rule}, got {getattr(g, key)!r}")
     per_step = t.prompts_per_device * t.grad_accum_steps
     per_rank = len(samples) // env.world_size
     rollouts = per_rank // per_step
@@ -240,7 +245,7 @@ class GRPOTrainer:
         inputs = proc.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch])
         with self._autocast():
             res = generate(core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
-                           do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                           do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                            eos_token_ids=proc.eos_token_ids, tokenizer=proc.tokenizer,
                            answer_token_ids=self.answer_tokens,
                            seed=derive_seed(cfg.seed, "rollout", step, micro, self.env.rank),
