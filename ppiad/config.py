@@ -123,6 +123,10 @@ SCHEMA: dict = {
         "grad_accum_steps": Field(2, int, "micro-steps per optimizer step"),
         "learning_rate": Field(1e-5, float, "peak learning rate of AdamW"),
         "weight_decay": Field(0.0, float, "AdamW weight decay"),
+        "adam_beta1": Field(0.9, float, "AdamW decay rate of the gradient average"),
+        "adam_beta2": Field(0.999, float, "AdamW decay rate of the squared-gradient average: lower = the step size "
+                                          "follows the recent gradient scale sooner"),
+        "adam_epsilon": Field(1e-8, float, "AdamW epsilon"),
         "warmup_ratio": Field(0.0, float, "share of steps with linear warm-up"),
         "lr_schedule": Field("constant", str, "learning-rate schedule after warm-up",
                              ("constant", "linear", "cosine")),

@@ -249,6 +249,17 @@ def test_lora_plus_ratio_scales_the_b_steps(assets, tmp_path, varied_rewards):
     assert steps[16]["lora_B"] == pytest.approx(16e-3, rel=0.05)
 
 
+def test_adam_settings_reach_the_optimizer(assets, tmp_path):
+    from ppiad.config import load_config
+    from ppiad.rl.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(
+        assets, str(tmp_path), "adam", "train.max_steps=1", "train.adam_beta1=0.8", "train.adam_beta2=0.95",
+        "train.adam_epsilon=1e-6")))
+    trainer.setup()
+    assert (trainer.optimizer._beta1, trainer.optimizer._beta2, trainer.optimizer._epsilon) == (0.8, 0.95, 1e-6)
+
+
 def test_answer_p_by_class():
     from types import SimpleNamespace
 

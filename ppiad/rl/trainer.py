@@ -363,6 +363,8 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(cfg, self.total_steps)
         clip = paddle.nn.ClipGradByGlobalNorm(cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
         optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self._param_groups(),
+                                           beta1=cfg.train.adam_beta1, beta2=cfg.train.adam_beta2,
+                                           epsilon=cfg.train.adam_epsilon,
                                            weight_decay=cfg.train.weight_decay, grad_clip=clip,
                                            multi_precision=self.bf16)
         if self.env.enabled:
