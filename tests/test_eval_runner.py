@@ -39,8 +39,9 @@ class CountingPredictor:
         return out
 
 
-def make_dataset(root, n_per_cat=5, defects_per_cat=2, broken=()):
-    """Two categories; defect images are dark. Brightness varies so scores differ."""
+def make_dataset(root, n_per_cat=5, defects_per_cat=2, broken=(), write=True):
+    """Two categories; defect images are dark. Brightness varies so scores differ. write=False only lists the
+    samples of a tree written before (processes that share one must not rewrite it under each other)."""
     samples = []
     for cat in ("bottle", "cable"):
         os.makedirs(os.path.join(root, cat), exist_ok=True)
@@ -48,7 +49,9 @@ def make_dataset(root, n_per_cat=5, defects_per_cat=2, broken=()):
             defect = i < defects_per_cat
             value = 40 + 10 * i if defect else 150 + 15 * i
             path = os.path.join(root, cat, f"{i:03d}.png")
-            if path.endswith(tuple(broken)):
+            if not write:
+                pass
+            elif path.endswith(tuple(broken)):
                 open(path, "wb").close()
             else:
                 Image.new("RGB", (16, 16), (value,) * 3).save(path)
@@ -178,7 +181,7 @@ DIST_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     from test_eval_runner import CountingPredictor, make_dataset
     from ppiad.eval.runner import run_evaluation
-    samples = make_dataset({data!r}, n_per_cat=5)
+    samples = make_dataset({data!r}, n_per_cat=5, write=False)  # the test wrote it: no rank rewrites a file another reads
     pred = CountingPredictor()
     metrics = run_evaluation(samples, pred, {out!r}, batch_size=2, progress=False)
     rank = os.environ.get("PADDLE_TRAINER_ID", "0")
@@ -189,7 +192,7 @@ DIST_SCRIPT = textwrap.dedent("""
 
 def test_two_processes_split_the_work_and_rank0_merges(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    make_dataset(data, n_per_cat=5)  # written once here so the ranks do not race on it
+    make_dataset(data, n_per_cat=5)  # written once here; the ranks only list it (write=False)
     script = tmp_path / "dist_eval.py"
     script.write_text(DIST_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=data, out=out))
     env = dict(os.environ)
