@@ -27,7 +27,8 @@ from ppiad.rl.checkpoint import find_latest  # noqa: E402
 from ppiad.utils.io import atomic_write_json  # noqa: E402
 
 # name -> (description, overrides). Every setting keeps the format reward (weight 1); the focal settings use the
-# config's class factors (configs/demo.yaml: sqrt_inverse) unless they name their own.
+# config's class factors (configs/demo.yaml: auto, the default) unless they name their own, so
+# focal_adv_group_auto differs from focal_adv_group only under `-o rewards.focal.class_factors=...`.
 SETTINGS = {
     "acc": ("format + accuracy", ["rewards.accuracy_weight=1", "rewards.focal_weight=0"]),
     "focal_reward_group": ("format + focal, reward mode, p from the group",

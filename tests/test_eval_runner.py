@@ -49,11 +49,9 @@ def make_dataset(root, n_per_cat=5, defects_per_cat=2, broken=(), write=True):
             defect = i < defects_per_cat
             value = 40 + 10 * i if defect else 150 + 15 * i
             path = os.path.join(root, cat, f"{i:03d}.png")
-            if not write:
-                pass
-            elif path.endswith(tuple(broken)):
+            if write and path.endswith(tuple(broken)):
                 open(path, "wb").close()
-            else:
+            elif write:
                 Image.new("RGB", (16, 16), (value,) * 3).save(path)
             samples.append(Sample(path, cat, cat, DEFECT if defect else NORMAL, "crack" if defect else "good", "test"))
     return samples

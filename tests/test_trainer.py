@@ -272,16 +272,19 @@ def test_answer_p_by_class():
     assert np.isnan(only_normal["answer_p/defect"]) and only_normal["answer_p/normal"] == 0.5
 
 
-def test_sampling_settings_out_of_range_are_refused_before_any_work():
+def test_sampling_settings_out_of_range_are_refused_before_any_work(tmp_path):
     from ppiad.config import ConfigError, load_config
-    from ppiad.utils.distributed import DistEnv
-    from ppiad.rl.trainer import make_plan
+    from ppiad.rl.trainer import GRPOTrainer, check_rollout_sampling
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    samples = list(range(8))
     for bad in ("grpo.min_p=1.0", "grpo.top_p=0", "grpo.temperature=0", "grpo.min_p=-0.1"):
         cfg = load_config(os.path.join(root, "configs", "tiny_cpu.yaml"), [bad])
         with pytest.raises(ConfigError, match="'" + bad.split("=")[0].replace(".", r"\.") + "'"):
-            make_plan(cfg, samples, DistEnv(rank=0, world_size=1))
+            check_rollout_sampling(cfg.grpo)
     cfg = load_config(os.path.join(root, "configs", "tiny_cpu.yaml"), ["grpo.min_p=0.02", "grpo.top_p=1.0"])
-    make_plan(cfg, samples, DistEnv(rank=0, world_size=1))
+    check_rollout_sampling(cfg.grpo)
+    # the trainer checks them first: no model or data exists at these paths, and the sampling key is named
+    cfg = load_config(os.path.join(root, "configs", "tiny_cpu.yaml"),
+                      ["grpo.min_p=1.0", f"model.path={tmp_path / 'none'}", f"data.train.root={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="'grpo\\.min_p'"):
+        GRPOTrainer(cfg).setup()

@@ -90,6 +90,14 @@ class DataPlan:
         return order[pos["index"]:pos["index"] + self.prompts_per_step]
 
 
+def check_rollout_sampling(g) -> None:
+    """The `grpo` sampling keys, checked before any model or data is loaded, naming the key at fault."""
+    for key, ok, rule in (("temperature", g.temperature > 0, "> 0"), ("top_p", 0 < g.top_p <= 1, "in (0, 1]"),
+                          ("min_p", 0 <= g.min_p < 1, "in [0, 1)"), ("top_k", g.top_k >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"config key 'grpo.{key}' must be {rule}, got {getattr(g, key)!r}")
+
+
 def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[DataPlan, int]:
     """The data plan and the total number of optimizer steps."""
     t, k = cfg.train, cfg.grpo.num_iterations
@@ -97,11 +105,6 @@ def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[Dat
         raise ConfigError("config keys 'train.prompts_per_device' and 'train.grad_accum_steps' must be >= 1")
     if k < 1:
         raise ConfigError("config key 'grpo.num_iterations' must be >= 1")
-    g = cfg.grpo
-    for key, ok, rule in (("temperature", g.temperature > 0, "> 0"), ("top_p", 0 < g.top_p <= 1, "in (0, 1]"),
-                          ("min_p", 0 <= g.min_p < 1, "in [0, 1)"), ("top_k", g.top_k >= 0, ">= 0")):
-        if not ok:
-            raise ConfigError(f"config key 'grpo.{key}' must be {rule}, got {getattr(g, key)!r}")
     per_step = t.prompts_per_device * t.grad_accum_steps
     per_rank = len(samples) // env.world_size
     rollouts = per_rank // per_step
@@ -351,6 +354,7 @@ class GRPOTrainer:
         cfg = self.cfg
         self.env = distributed.init(cfg.distributed.sharding)
         self.bf16 = _bf16_on_gpu(cfg)
+        check_rollout_sampling(cfg.grpo)
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
         self.samples = self._load_samples()
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
