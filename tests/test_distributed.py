@@ -44,11 +44,17 @@ def test_stage2_refused_on_cpu(monkeypatch):
     if distributed._has_accelerator():
         pytest.skip("a GPU is present")
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    monkeypatch.delenv(distributed.EMULATE_ENV, raising=False)
     with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
         distributed.init("stage2")
+    with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
+        distributed.init("stage3")
     layer = paddle.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="needs GPUs"):
         wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), DistEnv(0, 2, "stage3"))
+    monkeypatch.setenv(distributed.EMULATE_ENV, "1")  # emulation covers stage 3 only
+    with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
+        distributed.init("stage2")
 
 
 def _launch(tmp_path, sharding):
@@ -136,8 +142,7 @@ def _worker(out_dir, sharding):
 
     model = Toy()
     trainable = [p for p in model.parameters() if not p.stop_gradient]
-    opt = paddle.optimizer.AdamW(learning_rate=0.05, parameters=trainable,
-                                 grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    opt = paddle.optimizer.AdamW(learning_rate=0.05, parameters=trainable)
     model, opt = distributed.wrap(model, opt, env)
     frozen_before = unwrap(model).base.weight.numpy().copy()
     initial = {n: p.numpy().tolist() for n, p in unwrap(model).named_parameters() if not p.stop_gradient}
@@ -152,6 +157,8 @@ def _worker(out_dir, sharding):
             pred = model(paddle.to_tensor(x[None]))
             loss = ((pred - y) ** 2).mean() / accum
             loss.backward()
+        distributed.combine_gradients(trainable, env)
+        distributed.clip_grad_norm(trainable, 1.0)
         opt.step()
         opt.clear_grad()
 

@@ -12,6 +12,10 @@ How one call runs (B prompts, G samples each, N = B*G rows, prompt-major: rows i
    stay those of the full distribution, as `completion_logprobs` computes them);
 5. a row stops after emitting one of `eos_token_ids`; later tokens of that row are `pad_token_id` with
    mask 0 and log-prob 0. The loop ends when every row has stopped or after `max_new_tokens`.
+6. under sharding stage 3 every forward runs collectives, so all processes must make the same calls: the
+   loop then ends only when every process is done (one all-reduce of a "done" flag per step; a finished
+   process keeps feeding pad tokens and drops those steps), and the forced-score forward below runs on every
+   process when one needs it (paddleformers' `synced_gpus` pattern; `ppiad.utils.distributed`).
 
 Answer score (P(A) at the answer position): the decision token is the one right after the text
 "<answer" in the completion. Qwen2's byte-level BPE merges ">A" into one token (`<answer>A` tokenizes as
@@ -271,6 +275,21 @@ def _last_logits(out) -> paddle.Tensor:
     return out.logits[:, -1, :].astype("float32")
 
 
+def _synced(model, synced: Optional[bool]) -> bool:
+    if synced is not None:
+        return synced
+    from ppiad.utils.distributed import collective_forward
+
+    return collective_forward(_model_layer(model)) and paddle.distributed.get_world_size() > 1
+
+
+def _all_done(flag: bool) -> bool:
+    """True when `flag` holds on every process (one all-reduce)."""
+    t = paddle.to_tensor([0.0 if flag else 1.0], dtype="float32")
+    paddle.distributed.all_reduce(t)
+    return float(t) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------------
@@ -279,12 +298,14 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
              eos_token_ids: Sequence[int],
              answer_token_ids: Optional[AnswerTokens] = None, seed: Optional[int] = None, tokenizer=None,
              pad_token_id: Optional[int] = None, force_answer_score: bool = True,
-             image_embeds: Optional[paddle.Tensor] = None) -> GenerationResult:
+             image_embeds: Optional[paddle.Tensor] = None, synced: Optional[bool] = None) -> GenerationResult:
     """Generate `num_samples` completions per prompt (see the module docstring for the details).
 
     `inputs`: the processor's dict (input_ids, attention_mask left padded, pixel_values, image_grid_thw).
     `tokenizer` (optional) decodes `texts` and, when `answer_token_ids` is None, provides the answer tokens;
     without either, answer scores are NaN. `image_embeds` skips the vision tower when already computed.
+    `synced`: keep every process stepping until all are done (module docstring, item 6); None = when the
+    model runs collectives in its forward (sharding stage 3). The results equal those of an unsynced call.
     """
     if not eos_token_ids:
         raise ValueError("generate: eos_token_ids is empty; pass the processor's eos_token_ids")
@@ -309,6 +330,7 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
     g = num_samples
     b, t_prompt = input_ids.shape
     core = _core(model)
+    synced = _synced(model, synced)
     with paddle.no_grad(), _eval_mode(model), _seeded(seed):
         if image_embeds is None and inputs.get("pixel_values") is not None:
             image_embeds = core.get_image_embeds(inputs["pixel_values"], grid)   # once for all prompts
@@ -330,7 +352,17 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         finished = paddle.zeros([n], dtype="bool")
         tokens, logps, valid, cand_logits = [], [], [], []
         banned = _banned_ids(core)
+        done_at = None   # steps this process needs (its rows all stopped); later synced steps are dropped
         for step in range(max_new_tokens):
+            if done_at is not None:   # synced: this process is done, others are not; keep their collectives
+                nxt = pad
+                mask = paddle.concat([mask, paddle.zeros([n, 1], dtype="int64")], axis=1)
+                pos = (deltas + (t_prompt + step - 1)).unsqueeze(0).expand([3, n, 1])
+                cache = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
+                              past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+                if step == max_new_tokens - 1 or _all_done(True):
+                    break
+                continue
             nxt = _pick(logits + banned, do_sample, temperature, top_p, top_k, min_p)
             # log p(chosen) = logit - logsumexp (Paddle's CPU log_softmax is ~100x slower than logsumexp)
             logp = (paddle.index_sample(logits, nxt.unsqueeze(-1))
@@ -342,8 +374,15 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
             if cand is not None:
                 cand_logits.append(paddle.index_select(logits, cand, axis=1))
             finished = paddle.logical_or(finished, (nxt.unsqueeze(-1) == eos.unsqueeze(0)).any(axis=-1))
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1:
                 break
+            if bool(finished.all()):
+                done_at = step + 1
+                if not synced or _all_done(True):
+                    break
+                continue
+            if synced:
+                _all_done(False)
             mask = paddle.concat([mask, valid[-1].astype("int64").unsqueeze(-1)], axis=1)
             pos = (deltas + (t_prompt + step)).unsqueeze(0).expand([3, n, 1])
             out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
@@ -373,12 +412,18 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                     continue
                 step, pair = hit
                 scores[r] = _p_a(*cand_np[r, step, 2 * pair:2 * pair + 2])
-            if missing and force_answer_score:
-                rows = [r // g for r in missing]
-                scores[missing] = _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, rows,
-                                                 [bodies[r] for r in missing], answer_token_ids, pad_token_id)
-                for r in missing:
-                    forced[r] = True
+            need = run = bool(missing) and force_answer_score
+            if synced and force_answer_score:
+                run = not _all_done(not need)   # some process needs the extra forward: all make it
+            if run:
+                rows = [r // g for r in missing] if need else [0]   # [0]: a throw-away call for the others
+                got = _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, rows,
+                                     [bodies[r] for r in missing] if need else [[]], answer_token_ids,
+                                     pad_token_id)
+                if need:
+                    scores[missing] = got
+                    for r in missing:
+                        forced[r] = True
         texts = [tokenizer.decode(body, skip_special_tokens=False) for body in bodies] if tokenizer else []
     return GenerationResult(sequences=sequences, completion_mask=completion_mask, logprobs=logprobs,
                             answer_scores=paddle.to_tensor(scores), prompt_index=[r // g for r in range(n)],

@@ -171,6 +171,18 @@ class RMSNorm(nn.Layer):
 # ----------------------------------------------------------------------------------------------------------
 # Vision tower
 # ----------------------------------------------------------------------------------------------------------
+class PatchConv(nn.Conv3D):
+    """The patch conv (weight [E, C, t, p, p], as in the checkpoint) applied to flattened patches.
+
+    Each patch is exactly one conv window (stride = kernel), so the conv equals a matmul with the flattened
+    weight (much faster on CPU). The weight is read inside this layer's own call, which is what lets sharding
+    stage 3 gather it (its hooks sit on the layer that owns the parameter)."""
+
+    def forward(self, pixel_values):  # [N, C*t*p*p] -> [N, E]
+        w = self.weight.reshape([self.weight.shape[0], -1])
+        return paddle.matmul(pixel_values.astype(w.dtype), w, transpose_y=True)
+
+
 class PatchEmbed(nn.Layer):
     """3-D conv with stride = kernel over (t, h, w) patches, i.e. one linear map per flattened patch."""
 
@@ -178,12 +190,10 @@ class PatchEmbed(nn.Layer):
         super().__init__()
         k = [cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size]
         self.embed_dim = cfg.embed_dim
-        self.proj = nn.Conv3D(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k, bias_attr=False)
+        self.proj = PatchConv(cfg.in_chans, cfg.embed_dim, kernel_size=k, stride=k, bias_attr=False)
 
     def forward(self, pixel_values):  # [N, C*t*p*p] -> [N, E]
-        # Each patch is exactly one conv window, so the conv equals a matmul (much faster on CPU).
-        w = self.proj.weight.reshape([self.embed_dim, -1])
-        return paddle.matmul(pixel_values.astype(w.dtype), w, transpose_y=True)
+        return self.proj(pixel_values)
 
 
 class VisionAttention(nn.Layer):
@@ -420,6 +430,9 @@ class LMHead(nn.Layer):
             self._tied = None
         else:
             self._tied = [tied_embedding]  # a plain list, so the shared weight is not registered twice
+            # Sharding stage 3 gathers a layer's own parameters plus its `extra_parameters` before its call and
+            # frees them after: the embedding frees the shared weight when its call returns, so list it here too.
+            self.extra_parameters = [tied_embedding.weight]
 
     def forward(self, h):
         w = self._tied[0].weight if self._tied is not None else self.weight

@@ -291,8 +291,8 @@ class GRPOTrainer:
         g = self.cfg.grpo
         t0 = time.perf_counter()
         self.core.train()
-        n_tokens = float(sum(float(mb["mask"].sum()) for mb in buffer))
         token_avg = g.loss_averaging == "token"
+        n_tokens = self._token_normalizer(buffer) if token_avg else None
         agg: dict = {}
         for i, mb in enumerate(buffer):
             last = i == len(buffer) - 1
@@ -305,16 +305,20 @@ class GRPOTrainer:
                                                g.num_generations, image_embeds=mb["image_embeds"])
                 loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"],
                                      epsilon=g.epsilon, beta=g.beta, averaging=g.loss_averaging,
-                                     normalizer=max(n_tokens, 1.0) if token_avg else None)
+                                     normalizer=n_tokens)
                 if not token_avg:
                     loss = loss / len(buffer)
                 loss.backward()
             st["loss"] = float(loss)
             for k, v in st.items():
                 agg[k] = agg.get(k, 0.0) + (v if k == "loss" else v / len(buffer))
-        grad_norm = self._grad_norm()
+        # Combine the gradients over the processes first, so that the clip and the logged norm are global
+        # (over all processes and over both LoRA+ parameter groups) under every sharding setting.
+        distributed.combine_gradients(self.trainable, self.env)
+        grad_norm = distributed.clip_grad_norm(self.trainable, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.clear_grad()
+        distributed.release_gathered(self.wrapped)  # stage 3: frozen weights backward gathered go back to 1/N
         self.scheduler.step()
         agg["grad_norm"] = grad_norm
         agg["seconds_update"] = time.perf_counter() - t0
@@ -332,12 +336,17 @@ class GRPOTrainer:
         return [{"params": [p for p in self.trainable if id(p) not in b_ids]},
                 {"params": [p for p in self.trainable if id(p) in b_ids], "learning_rate": ratio}]
 
-    def _grad_norm(self) -> float:
-        sq = 0.0
-        for p in self.trainable:
-            if p.grad is not None:
-                sq += float((p.grad.astype("float32") ** 2).sum())
-        return math.sqrt(sq)
+    def _token_normalizer(self, buffer: list) -> float:
+        """Token averaging's divisor for this process: the completion tokens of the whole step over ALL
+        processes / the number of processes. The wrappers average the processes' gradients, so the combined
+        gradient is sum(loss over every token of the step) / (all its tokens): that of one process running
+        all the prompts (Dr. GRPO / DAPO-style token-level averaging over the global batch)."""
+        n = float(sum(float(mb["mask"].sum()) for mb in buffer))
+        if self.env.enabled:
+            t = paddle.to_tensor([n], dtype="float64")
+            paddle.distributed.all_reduce(t)
+            n = float(t) / self.env.world_size
+        return max(n, 1.0 / self.env.world_size)
 
     def _autocast(self):
         if self.bf16:
@@ -365,14 +374,15 @@ class GRPOTrainer:
         self._add_adapters(self.core)
         self.trainable = lora_parameters(self.core)
         self.scheduler = build_scheduler(cfg, self.total_steps)
-        clip = paddle.nn.ClipGradByGlobalNorm(cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
+        # No grad_clip in the optimizer: Paddle clips each parameter group alone (LoRA+ makes two) and its
+        # sharding wrappers replace the clip; `_update` clips globally itself (distributed.clip_grad_norm).
         optimizer = paddle.optimizer.AdamW(learning_rate=self.scheduler, parameters=self._param_groups(),
                                            beta1=cfg.train.adam_beta1, beta2=cfg.train.adam_beta2,
                                            epsilon=cfg.train.adam_epsilon,
-                                           weight_decay=cfg.train.weight_decay, grad_clip=clip,
-                                           multi_precision=self.bf16)
+                                           weight_decay=cfg.train.weight_decay, multi_precision=self.bf16)
         if self.env.enabled:
-            self.wrapped, self.optimizer = distributed.wrap(_TrainForward(self.core), optimizer, self.env)
+            self.wrapped, self.optimizer = distributed.wrap(_TrainForward(self.core), optimizer, self.env,
+                                                            segment_size=cfg.distributed.stage3_segment_size)
         else:
             self.wrapped, self.optimizer = self.core, optimizer
         self.forward_model = self.core if self.wrapped is self.core else _ForwardVia(self.core, self.wrapped)

@@ -4,13 +4,30 @@ Sharding settings (`distributed.sharding`):
 - none:   paddle.DataParallel when there is more than one process (gradients all-reduced in backward).
 - stage1: fleet sharding stage 1, optimizer state split over the processes (hybrid_configs sharding_degree =
           world size). Works on CPU (gloo) and GPU.
-- stage2/stage3: `group_sharded_parallel(level="os_g" | "p_g_os")`: gradients (and parameters) sharded too.
-          Paddle implements these for GPU/XPU only; they are untested here (no GPU) and refused on CPU.
-With LoRA the trainable state is tiny, so `none` or `stage1` is what a CPU or small-GPU run wants; stage2/3
-matter only for full fine-tuning of a large model.
+- stage2:   `group_sharded_parallel(level="os_g")`: gradients sharded too. GPU/XPU only; untested here.
+- stage3:   Paddle's `GroupShardedStage3`: every parameter with more than `distributed.stage3_segment_size`
+          elements (the frozen base) is split over the processes; a layer's pre-forward hook all-gathers it and
+          its post-forward hook frees it again. With LoRA the adapters are small and stay whole.
+What each saves for LoRA training: the adapters, their gradients and AdamW state are a few MB, so stage 1/2
+save next to nothing; only stage 3 cuts the dominant cost, the frozen base weights, to ~1/N per process.
+
+Stage 3 rules ppiad follows (Paddle frees a gathered weight when its layer's call returns):
+- every weight is used inside its own layer's call (or listed in that layer's `extra_parameters`);
+- every forward runs collectives, so all processes must make the same forward calls: `generate` keeps
+  stepping until all processes are done (`collective_forward` tells it to);
+- `sync_comm=True`: the layer order differs between the vision tower, prefill and decode passes, so Paddle's
+  prefetch of the "next" layer (from the first recorded order) would gather the wrong weights;
+- backward gathers split weights again but Paddle frees only trainable ones: `release_gathered` frees the
+  frozen ones after each optimizer step, so between steps a process holds ~1/N of the frozen base.
+
+CPU emulation (tests only): with `PPIAD_EMULATE_SHARDING_ON_CPU=1` stage 3 runs on CPU with gloo: the only
+change is that Paddle's device assertion in the `GroupShardedStage3` constructor is bypassed, here, for the
+duration of that call. It proves the logic (hooks, gathers, collectives, memory), not GPU behaviour.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -19,6 +36,8 @@ import paddle
 
 T = TypeVar("T")
 SHARDING_CHOICES = ("none", "stage1", "stage2", "stage3")
+EMULATE_ENV = "PPIAD_EMULATE_SHARDING_ON_CPU"
+DEFAULT_SEGMENT_SIZE = 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,19 @@ def _has_accelerator() -> bool:
     return gpu or paddle.is_compiled_with_xpu()
 
 
+def emulating() -> bool:
+    """True when `PPIAD_EMULATE_SHARDING_ON_CPU=1` asks for stage 3 on CPU (tests only) and there is no GPU."""
+    return os.environ.get(EMULATE_ENV, "") == "1" and not _has_accelerator()
+
+
+def _check_device(sharding: str) -> None:
+    if sharding == "stage3" and emulating():
+        return
+    if sharding in ("stage2", "stage3") and not _has_accelerator():
+        raise RuntimeError(f"sharding {sharding} needs GPUs; use stage1 or none on CPU "
+                           f"({EMULATE_ENV}=1 emulates stage3 on CPU for tests)")
+
+
 def init(sharding: str = "none") -> DistEnv:
     """Initialise the process group when launched with several processes; a no-op for a single process."""
     if sharding not in SHARDING_CHOICES:
@@ -55,8 +87,7 @@ def init(sharding: str = "none") -> DistEnv:
     rank, world = launched_world()
     if world <= 1:
         return DistEnv(0, 1, sharding)
-    if sharding in ("stage2", "stage3") and not _has_accelerator():
-        raise RuntimeError(f"sharding {sharding} needs GPUs; use stage1 or none on CPU")
+    _check_device(sharding)
     if sharding == "stage1":
         from paddle.distributed import fleet
         strategy = fleet.DistributedStrategy()
@@ -78,24 +109,130 @@ def shard_samples(samples: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(samples[rank:usable:world_size])
 
 
-def wrap(model: paddle.nn.Layer, optimizer, env: DistEnv):
+def wrap(model: paddle.nn.Layer, optimizer, env: DistEnv, segment_size: int = DEFAULT_SEGMENT_SIZE):
     """Return (model, optimizer) prepared for `env`; unchanged for a single process.
 
-    The returned model may be a wrapper: use `unwrap(model)` for anything but the training forward pass."""
+    The returned model may be a wrapper: use `unwrap(model)` for anything but the training forward pass.
+    `segment_size` (stage 3): parameters with more elements than this are split over the processes; trainable
+    parameters must stay below it (ppiad keeps the adapters whole; ValueError otherwise). The optimizer must
+    not carry a `grad_clip`: ppiad clips itself (`clip_grad_norm`), after the gradients are combined."""
     if not env.enabled:
         return model, optimizer
+    if getattr(optimizer, "_grad_clip", None) is not None:
+        raise ValueError("distributed.wrap: pass an optimizer without grad_clip; clip with clip_grad_norm after "
+                         "combine_gradients (Paddle's sharding wrappers clip per rank or per parameter group)")
     if env.sharding == "none":
         return paddle.DataParallel(model, find_unused_parameters=False), optimizer
     if env.sharding == "stage1":
         from paddle.distributed import fleet
         return fleet.distributed_model(model), fleet.distributed_optimizer(optimizer)
-    if not _has_accelerator():
-        raise RuntimeError(f"sharding {env.sharding} needs GPUs; use stage1 or none on CPU")
-    # Untested here (no GPU on the development machines); follows Paddle's documented API.
-    from paddle.distributed.sharding import group_sharded_parallel
-    level = "os_g" if env.sharding == "stage2" else "p_g_os"
-    model, optimizer, _ = group_sharded_parallel(model, optimizer, level=level)
-    return model, optimizer
+    _check_device(env.sharding)
+    if env.sharding == "stage2":
+        # Untested here (no GPU on the development machines); follows Paddle's documented API.
+        from paddle.distributed.sharding import group_sharded_parallel
+        model, optimizer, _ = group_sharded_parallel(model, optimizer, level="os_g")
+        return model, optimizer
+    return _wrap_stage3(model, optimizer, segment_size)
+
+
+def _wrap_stage3(model: paddle.nn.Layer, optimizer, segment_size: int):
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_stage3 as s3
+
+    if segment_size < 1:
+        raise ValueError(f"distributed.stage3_segment_size must be >= 1, got {segment_size}")
+    too_big = [p.name for p in model.parameters() if not p.stop_gradient and p._numel() > segment_size]
+    if too_big:
+        raise ValueError(f"distributed.stage3_segment_size={segment_size} is smaller than trainable parameter(s) "
+                         f"{', '.join(too_big[:3])}: ppiad keeps the adapters whole under stage 3; raise it")
+    device = paddle.get_device().split(":")[0]
+    patch = contextlib.nullcontext()
+    if emulating():  # the only change emulation makes: Paddle's "CUDA / XPU only" assertion is bypassed
+        from unittest import mock
+        patch = mock.patch.object(s3.core, "is_compiled_with_cuda", lambda: True)
+    with patch:
+        wrapped = s3.GroupShardedStage3(model, optimizer=optimizer, segment_size=segment_size, sync_comm=True,
+                                        device=device)
+    for layer in model.sublayers(include_self=True):
+        object.__setattr__(layer, "_ppiad_collective_forward", True)
+    return wrapped, optimizer
+
+
+def collective_forward(model) -> bool:
+    """True when every forward of `model` runs collectives (stage 3): all processes must then make the same
+    forward calls, e.g. keep decoding until every process is done."""
+    return bool(getattr(unwrap(model), "_ppiad_collective_forward", False))
+
+
+def split_parameters(model: paddle.nn.Layer) -> list:
+    """The parameters stage 3 split over the processes (empty otherwise)."""
+    return [p for p in unwrap(model).parameters() if getattr(p, "status", None) in ("part", "all")
+            and hasattr(p, "fw_storage")]
+
+
+def resident_split_parameters(model: paddle.nn.Layer) -> list:
+    """Split parameters currently held whole (gathered) by this process."""
+    return [p for p in split_parameters(model) if p.status == "all"]
+
+
+@paddle.no_grad()
+def release_gathered(wrapped) -> int:
+    """Free every split parameter that stage 3 gathered and did not free again (backward gathers each layer's
+    weights, but Paddle's hook frees only trainable ones, so a LoRA base would stay whole). Keeps this
+    process's slice, as Paddle's own post-forward hook does. Returns the number released; 0 without stage 3."""
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_stage3 as s3
+
+    if not isinstance(wrapped, s3.GroupShardedStage3):
+        return 0
+    full = wrapped._task_flow.full_param
+    released = 0
+    for p in split_parameters(wrapped):
+        if p.status != "all":
+            continue
+        if p.name not in full:
+            raise RuntimeError(f"stage 3: parameter {p.name} is gathered but its full buffer is unknown")
+        start, end = wrapped._param2buffer[p.name][wrapped._rank]
+        p._clear_data()
+        p.fw_storage = full[p.name][0]._slice(start, end).detach().clone()
+        p.status, p.use_count = "part", 0
+        del full[p.name]
+        released += 1
+    for name in list(full):  # buffers prefetched for parameters that were never used
+        del full[name]
+    return released
+
+
+@paddle.no_grad()
+def combine_gradients(params: Sequence, env: DistEnv) -> None:
+    """Average the gradients of `params` over the processes before they are clipped, so that the clip and the
+    logged norm see the combined gradient on every process. Data parallel already did it in backward. Under
+    sharding the wrapper's own reduction in `optimizer.step()` then averages equal values (no change)."""
+    if not env.enabled or env.sharding == "none":
+        return
+    for p in params:
+        g = p.grad
+        if g is None:
+            g = paddle.zeros_like(p)
+            p.grad = g
+        paddle.distributed.all_reduce(g)
+        g.scale_(1.0 / env.world_size)
+
+
+@paddle.no_grad()
+def clip_grad_norm(params: Sequence, max_norm: float) -> float:
+    """Clip the gradients of `params` together to global L2 norm `max_norm` (0 = no clipping) and return the
+    norm before clipping (float, over all of them: one global norm also across LoRA+ parameter groups).
+    Scale factor max_norm / max(norm, max_norm), as Paddle's ClipGradByGlobalNorm. Call after
+    `combine_gradients`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = paddle.add_n([(g.astype("float32") ** 2).sum() for g in grads])
+    norm = float(paddle.sqrt(sq))
+    if max_norm > 0 and norm > max_norm and math.isfinite(norm):
+        scale = max_norm / norm
+        for g in grads:
+            g.scale_(scale)
+    return norm
 
 
 def unwrap(model: paddle.nn.Layer) -> paddle.nn.Layer:
