@@ -48,7 +48,17 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage3_runs")
-    return {s: _launch(tmp, s, s, assets) for s in ("none", "stage3")}
+    return {s: _launch(tmp, s, s, assets) for s in ("none", "stage1", "stage3")}
+
+
+def _same_metrics(reference, other):
+    assert len(other) == len(reference) == STEPS
+    for m_ref, m in zip(reference, other):
+        assert m_ref.keys() == m.keys()
+        for key in m_ref:
+            if key.startswith("seconds") or key in ("time", "step"):
+                continue
+            assert m[key] == pytest.approx(m_ref[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])
@@ -64,14 +74,19 @@ def test_stage3_matches_data_parallel(runs, head):
         assert a["adapters"] != a["start"]                 # training moved the adapters
     steps0, steps1 = s3[0][head]["decode_steps"], s3[1][head]["decode_steps"]
     assert steps0 != steps1, "the rollouts should stop at different steps on the two processes"
-    for m_dp, m_s3 in zip(dp[0][head]["metrics"], s3[0][head]["metrics"]):
-        assert m_dp.keys() == m_s3.keys()
-        for key in m_dp:
-            if key.startswith("seconds") or key in ("time", "step"):
-                continue
-            assert m_s3[key] == pytest.approx(m_dp[key], rel=1e-4, abs=1e-6), key
-    assert len(s3[0][head]["metrics"]) == STEPS
+    _same_metrics(dp[0][head]["metrics"], s3[0][head]["metrics"])   # loss, rewards, kl, grad_norm, ...
     assert s3[0][head]["metrics"][0]["loss"] != 0.0 and s3[0][head]["metrics"][0]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_stage1_matches_data_parallel(runs, head):
+    """The logged grad_norm (and everything else) is the same under data parallel and sharding stage 1: the
+    norm is taken after the gradients are combined over the processes."""
+    for rank in range(2):
+        a, b = runs["none"][rank][head], runs["stage1"][rank][head]
+        for name in a["adapters"]:
+            np.testing.assert_allclose(b["adapters"][name], a["adapters"][name], rtol=0, atol=1e-5, err_msg=name)
+    _same_metrics(runs["none"][0][head]["metrics"], runs["stage1"][0][head]["metrics"])
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])

@@ -120,6 +120,21 @@ def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[Dat
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def token_normalizer(local_tokens: float, env: distributed.DistEnv) -> float:
+    """Token averaging's divisor on this process: the completion tokens of the whole optimizer step summed over
+    ALL processes (one all-reduce), divided by the number of processes.
+
+    Every wrapper (data parallel, sharding) averages the processes' gradients, so the combined gradient is
+    sum(per-token loss over every token of the step, all processes) / (their count): the gradient of one
+    process running all the prompts, whatever each process's own token count. At least 1/world_size."""
+    n = float(local_tokens)
+    if env.enabled:
+        t = paddle.to_tensor([n], dtype="float64")
+        paddle.distributed.all_reduce(t)
+        n = float(t) / env.world_size
+    return max(n, 1.0 / env.world_size)
+
+
 class _Logits(dict):
     """The training forward's output as a dict: DataParallel finds the tensors to hook only in tensors,
     lists and dicts (not in the model's dataclass output)."""
@@ -337,16 +352,7 @@ class GRPOTrainer:
                 {"params": [p for p in self.trainable if id(p) in b_ids], "learning_rate": ratio}]
 
     def _token_normalizer(self, buffer: list) -> float:
-        """Token averaging's divisor for this process: the completion tokens of the whole step over ALL
-        processes / the number of processes. The wrappers average the processes' gradients, so the combined
-        gradient is sum(loss over every token of the step) / (all its tokens): that of one process running
-        all the prompts (Dr. GRPO / DAPO-style token-level averaging over the global batch)."""
-        n = float(sum(float(mb["mask"].sum()) for mb in buffer))
-        if self.env.enabled:
-            t = paddle.to_tensor([n], dtype="float64")
-            paddle.distributed.all_reduce(t)
-            n = float(t) / self.env.world_size
-        return max(n, 1.0 / self.env.world_size)
+        return token_normalizer(sum(float(mb["mask"].sum()) for mb in buffer), self.env)
 
     def _autocast(self):
         if self.bf16:
