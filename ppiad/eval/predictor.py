@@ -99,12 +99,14 @@ class ModelPredictor:
             from ppiad.models.lora import load_adapter, merge_adapter
 
             # load_adapter adds adapters shaped by the adapter's own config (r, alpha, targets); merging folds
-            # B@A into the weights so decoding is as fast as the base model.
+            # B@A into the weights so decoding is as fast as the base model. Only into float32 weights: in
+            # bf16 small updates round away (merge_adapter), so a bf16 model keeps its adapters unmerged.
             try:
                 load_adapter(model, adapter)
             except ValueError as exc:
                 raise ConfigError(f"model.adapter '{adapter}': {exc}") from exc
-            merge_adapter(model)
+            if _inference_dtype(cfg.model.dtype) == "float32":
+                merge_adapter(model)
         model.eval()
         processor = Qwen2VLProcessor.from_config(cfg)  # min/max pixels, max prompt length
         return cls(model, processor, max_new_tokens=cfg.eval.max_new_tokens, do_sample=cfg.eval.do_sample,

@@ -80,13 +80,18 @@ def _fsync_tree(path: str) -> None:
 def _structured_optimizer_state(opt_state: Mapping, param_names: Mapping[str, str] | None, to_structured: bool):
     """Rename optimizer-state keys between Paddle's run-specific names (`linear_3.w_0_moment1_0`) and stable
     structured names (`model.layers.0.self_attn.q_proj.lora_A_moment1_0`), so a resumed process whose
-    layers were numbered differently still finds its moments."""
+    layers were numbered differently still finds its moments. The fp32 master weights of a bf16 run
+    (`multi_precision`, under the "master_weights" key, one entry per parameter name) are renamed too, so a
+    bf16 resume restores the exact masters instead of re-deriving them from the rounded bf16 weights."""
     if not param_names:
         return dict(opt_state)
     mapping = dict(param_names) if to_structured else {v: k for k, v in param_names.items()}
     prefixes = sorted(mapping, key=len, reverse=True)  # longest first: linear_1 must not match linear_10
     out = {}
     for key, value in opt_state.items():
+        if key == "master_weights" and isinstance(value, Mapping):
+            out[key] = {mapping.get(name, name): tensor for name, tensor in value.items()}
+            continue
         new_key = key
         for prefix in prefixes:
             if key.startswith(prefix + "_"):

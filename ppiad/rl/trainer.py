@@ -355,8 +355,8 @@ class GRPOTrainer:
         return token_normalizer(sum(float(mb["mask"].sum()) for mb in buffer), self.env)
 
     def _autocast(self):
-        if self.bf16:
-            return paddle.amp.auto_cast(enable=True, dtype="bfloat16", level="O1")
+        if self.bf16:   # GPU only; untested here (no GPU)
+            return paddle.amp.auto_cast(enable=True, dtype="bfloat16", level="O2")
         return contextlib.nullcontext()
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -386,6 +386,13 @@ class GRPOTrainer:
                                            beta1=cfg.train.adam_beta1, beta2=cfg.train.adam_beta2,
                                            epsilon=cfg.train.adam_epsilon,
                                            weight_decay=cfg.train.weight_decay, multi_precision=self.bf16)
+        if self.bf16:
+            # Paddle's own mixed precision, as its trainers run bf16 (GPU only; untested here, no GPU): O2 keeps
+            # the weights in bf16, the optimizer holds fp32 master weights of the adapters (multi_precision;
+            # saved under stable names, rl.checkpoint) and master_grad gives fp32 gradients for the clip and
+            # the update.
+            self.core, optimizer = paddle.amp.decorate(models=self.core, optimizers=optimizer, level="O2",
+                                                       dtype="bfloat16", master_weight=True, master_grad=True)
         if self.env.enabled:
             self.wrapped, self.optimizer = distributed.wrap(_TrainForward(self.core), optimizer, self.env,
                                                             segment_size=cfg.distributed.stage3_segment_size)
