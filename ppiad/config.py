@@ -60,6 +60,9 @@ SCHEMA: dict = {
     "model": {
         "path": Field("", str, "local Hugging Face-format Qwen2-VL checkpoint directory (required)"),
         "dtype": Field("float32", str, "weight / compute dtype; bfloat16 needs a GPU", ("float32", "bfloat16")),
+        "attn_implementation": Field("eager", str, "decoder attention: eager (matmul + softmax) or sdpa (Paddle's "
+                                     "scaled_dot_product_attention: flash / memory-efficient kernels on GPU in "
+                                     "bf16, untested here; a math fallback on CPU)", ("eager", "sdpa")),
         "allow_pickle": Field(False, bool, "allow loading pickle-based .pdparams weights (unpickling runs code)"),
         "min_pixels": Field(3136, int, "minimum image size in pixels after smart resize"),
         "max_pixels": Field(401408, int, "maximum image size in pixels after smart resize (401,408 = paper)"),
@@ -130,6 +133,8 @@ SCHEMA: dict = {
         "warmup_ratio": Field(0.0, float, "share of steps with linear warm-up"),
         "lr_schedule": Field("constant", str, "learning-rate schedule after warm-up",
                              ("constant", "linear", "cosine")),
+        "recompute": Field(False, bool, "recompute each decoder layer's activations in backward instead of "
+                           "keeping them (less activation memory, ~1/3 more compute)"),
         "max_grad_norm": Field(1.0, float, "global gradient-norm clip (0 = off)"),
         "save_every": Field(100, int, "checkpoint every N optimizer steps"),
         "log_every": Field(1, int, "log scalars every N optimizer steps"),

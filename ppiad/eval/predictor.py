@@ -95,6 +95,7 @@ class ModelPredictor:
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(
             path, dtype=_inference_dtype(cfg.model.dtype), allow_pickle=cfg.model.allow_pickle)
+        model.set_attn_implementation(cfg.model.attn_implementation)
         if adapter:
             from ppiad.models.lora import load_adapter, merge_adapter
 

@@ -30,6 +30,7 @@ from ppiad.utils.io import atomic_write_json
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
 QWEN2_VL_ARCHITECTURE = "Qwen2VLForConditionalGeneration"
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,6 +324,7 @@ class Qwen2Attention(nn.Layer):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias_attr=False)
+        self.attn_implementation = "eager"   # or "sdpa": Qwen2VLForConditionalGeneration.set_attn_implementation
 
     def forward(self, x, cos, sin, allowed, past):
         b, t, _ = x.shape
@@ -335,6 +337,8 @@ class Qwen2Attention(nn.Layer):
             k = paddle.concat([past[0], k], axis=2)
             v = paddle.concat([past[1], v], axis=2)
         present = (k, v)
+        if self.attn_implementation == "sdpa":
+            return self.o_proj(self._sdpa(q, k, v, allowed)), present
         g = self.num_heads // self.num_kv
         # grouped-query attention by broadcasting: q [B, Hk, g, T, D] against k, v [B, Hk, 1, S, D]
         qg = q.reshape([b, self.num_kv, g, t, self.head_dim])
@@ -345,6 +349,20 @@ class Qwen2Attention(nn.Layer):
         out = paddle.matmul(probs, v.unsqueeze(2))  # [B, Hk, g, T, D]
         out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
         return self.o_proj(out), present
+
+    def _sdpa(self, q, k, v, allowed):
+        """Paddle's fused scaled dot-product attention (flash / memory-efficient kernels on GPU for bf16/fp16;
+        Paddle's math fallback elsewhere, tested on CPU for equality with the eager path) with the same mask:
+        an additive bias of 0 / the most negative finite value, so fully masked padding rows give a uniform
+        average as in the eager path, never NaN. q [B, H, T, D], k, v [B, Hk, S, D] -> [B, T, H*D]."""
+        b, _, t, _ = q.shape
+        s = k.shape[2]
+        bias = paddle.where(allowed.reshape([b, 1, t, s]), paddle.zeros([], q.dtype),
+                            paddle.full([], _neg_large(q.dtype), q.dtype))
+        out = F.scaled_dot_product_attention(q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3]),
+                                             v.transpose([0, 2, 1, 3]), attn_mask=bias, training=False,
+                                             scale=1.0 / math.sqrt(self.head_dim))   # [B, T, H, D]
+        return out.reshape([b, t, -1])
 
 
 class Qwen2MLP(nn.Layer):
@@ -386,6 +404,7 @@ class Qwen2Model(nn.Layer):
         # channel c of the rotary embedding takes its position from axis axis_of[c] (0 t, 1 h, 2 w)
         sec = cfg.mrope_section * 2
         self.axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sec)])
+        self.recompute = False   # Qwen2VLForConditionalGeneration.set_recompute
 
     def rotary(self, position_ids, dtype):
         """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied."""
@@ -413,8 +432,17 @@ class Qwen2Model(nn.Layer):
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         presents = []
+        checkpointed = self.recompute and self.training and paddle.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, cos, sin, allowed, past_key_values[i] if past_key_values else None)
+            past = past_key_values[i] if past_key_values else None
+            if checkpointed:
+                # keep only the layer's inputs; its activations are recomputed in backward (the RNG state is
+                # restored, so LoRA dropout draws the same masks). Hook-based (use_reentrant=False) so that
+                # gradients also reach the prompt's KV cache passed in `past`.
+                from paddle.distributed.fleet.utils import recompute
+                x, present = recompute(layer, x, cos, sin, allowed, past, use_reentrant=False)
+            else:
+                x, present = layer(x, cos, sin, allowed, past)
             if use_cache:
                 presents.append(present)
         return self.norm(x), (presents if use_cache else None)
@@ -468,6 +496,20 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         self.model = Qwen2Model(config)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size,
                               self.model.embed_tokens if config.tie_word_embeddings else None)
+
+    # ---- memory settings ---------------------------------------------------------------------------------
+    def set_attn_implementation(self, name: str) -> None:
+        """Decoder attention: "eager" (matmul + softmax, the reference's order of operations) or "sdpa"
+        (Paddle's scaled_dot_product_attention: flash / memory-efficient kernels on a GPU in bf16, a math
+        fallback on CPU). Both apply the same causal + padding mask. ValueError for other names."""
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+        for layer in self.model.layers:
+            layer.self_attn.attn_implementation = name
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Activation recompute per decoder layer in training forwards (Paddle's fleet recompute utility)."""
+        self.model.recompute = bool(enabled)
 
     # ---- vision ------------------------------------------------------------------------------------------
     def get_image_embeds(self, pixel_values, image_grid_thw) -> paddle.Tensor:

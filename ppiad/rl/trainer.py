@@ -120,6 +120,19 @@ def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[Dat
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def apply_memory_settings(model, cfg: Config) -> None:
+    """model.attn_implementation and train.recompute on a model that offers them (Qwen2-VL does); a model
+    without them accepts only the defaults (ConfigError naming the key otherwise)."""
+    for method, key, value, default in (
+            ("set_attn_implementation", "model.attn_implementation", cfg.model.attn_implementation, "eager"),
+            ("set_recompute", "train.recompute", cfg.train.recompute, False)):
+        setter = getattr(model, method, None)
+        if setter is not None:
+            setter(value)
+        elif value != default:
+            raise ConfigError(f"config key '{key}': {type(model).__name__} does not support {value!r}")
+
+
 def token_normalizer(local_tokens: float, env: distributed.DistEnv) -> float:
     """Token averaging's divisor on this process: the completion tokens of the whole optimizer step summed over
     ALL processes (one all-reduce), divided by the number of processes.
@@ -377,6 +390,7 @@ class GRPOTrainer:
         self.processor = self._load_processor()
         self.answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
         self.core = self._load_model()
+        apply_memory_settings(self.core, cfg)
         self._add_adapters(self.core)
         self.trainable = lora_parameters(self.core)
         self.scheduler = build_scheduler(cfg, self.total_steps)
