@@ -154,7 +154,33 @@ def _wrap_stage3(model: paddle.nn.Layer, optimizer, segment_size: int):
                                         device=device)
     for layer in model.sublayers(include_self=True):
         object.__setattr__(layer, "_ppiad_collective_forward", True)
+    _release_frozen_after_backward(wrapped, model)
     return wrapped, optimizer
+
+
+def _release_frozen_after_backward(wrapped, model: paddle.nn.Layer) -> None:
+    """Backward gathers a layer's split weights again (Paddle's post-forward PyLayer) but frees only trainable
+    ones, so a LoRA base would be gathered whole layer by layer until the step ends. A gradient hook on each
+    input of such a layer frees its frozen split weights as soon as backward has passed through the layer
+    (the input's gradient is complete); `release_gathered` after the step catches layers whose inputs need no
+    gradient."""
+    def hook_for(params):
+        def release(_grad):
+            _release(wrapped, params)
+        return release
+
+    def pre_hook(layer, inputs):
+        if not paddle.is_grad_enabled():
+            return None
+        params = [p for p in wrapped._trainable_params.get(id(layer), []) if p.stop_gradient]
+        for x in inputs:
+            if isinstance(x, paddle.Tensor) and not x.stop_gradient:
+                x.register_hook(hook_for(params))
+        return None
+
+    for layer in model.sublayers(include_self=True):
+        if any(p.stop_gradient for p in wrapped._trainable_params.get(id(layer), [])):
+            layer.register_forward_pre_hook(pre_hook)
 
 
 def collective_forward(model) -> bool:
@@ -183,9 +209,19 @@ def release_gathered(wrapped) -> int:
 
     if not isinstance(wrapped, s3.GroupShardedStage3):
         return 0
+    released = _release(wrapped, split_parameters(wrapped))
+    full = wrapped._task_flow.full_param
+    for name in list(full):  # buffers prefetched for parameters that were never used
+        del full[name]
+    return released
+
+
+@paddle.no_grad()
+def _release(wrapped, params) -> int:
+    """Back to this process's slice for every gathered parameter of `params` (as Paddle's post-forward hook)."""
     full = wrapped._task_flow.full_param
     released = 0
-    for p in split_parameters(wrapped):
+    for p in params:
         if p.status != "all":
             continue
         if p.name not in full:
@@ -196,8 +232,6 @@ def release_gathered(wrapped) -> int:
         p.status, p.use_count = "part", 0
         del full[p.name]
         released += 1
-    for name in list(full):  # buffers prefetched for parameters that were never used
-        del full[name]
     return released
 
 
