@@ -10,6 +10,7 @@ Stage 2 is not emulated (Paddle's stage-2 classes need four patches): the estima
 
     .venv/bin/python bench/memory.py                 # tiny and medium, all modes (~3 min on 2 cores)
     .venv/bin/python bench/memory.py --sizes tiny --modes stage3
+    .venv/bin/python bench/memory.py --plan [--attn sdpa]   # docs/models.md: estimates for Qwen2-VL-2B/7B on GPUs
 CPU emulation of Paddle's sharding classes: evidence of ppiad's logic and of the estimator, not of GPU memory.
 """
 from __future__ import annotations
@@ -111,6 +112,35 @@ def _run(root, size, mode, recompute) -> list[dict]:
 
 
 FIELDS = ("params", "grads", "optimizer", "peak")
+CARDS = (24, 48, 80)     # GB
+HEADROOM = 0.9           # a plan fits a card when its peak is at most 90 % of it (CUDA context, fragmentation)
+
+
+def plan(attn: str = "eager") -> None:
+    """docs/models.md's tables: estimated peak GB per GPU for Qwen2-VL-2B/7B, bf16, LoRA r 4 on q/v, G 4,
+    1 prompt per GPU, 1,024-token prompts (512 image tokens of a 401,408-pixel image), 256 new tokens."""
+    from ppiad.config import load_config
+    from ppiad.utils.memory import estimate, qwen2_vl_config
+
+    for name in ("2B", "7B"):
+        mc = qwen2_vl_config(name)
+        print(f"\nQwen2-VL-{name}, attention {attn}: estimated step peak per GPU, GB (smallest card it fits, "
+              f"{int(HEADROOM * 100)} % rule)\n")
+        print("| sharding | recompute | 1 GPU | 2 GPUs | 4 GPUs | 8 GPUs |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for mode in ("none", "stage1", "stage2", "stage3"):
+            for rc in (False, True):
+                cells = []
+                for n in (1, 2, 4, 8):
+                    cfg = load_config(None, ["model.dtype=bfloat16", f"model.attn_implementation={attn}",
+                                             f"distributed.sharding={mode}", f"train.recompute={str(rc).lower()}",
+                                             "grpo.num_generations=4", "grpo.max_new_tokens=256",
+                                             "model.max_prompt_length=1024", "model.max_pixels=401408",
+                                             "train.prompts_per_device=1"])
+                    gb = estimate(cfg, n, model_config=mc, prompt_tokens=1024, gpu=True)["peak"] / 1e9
+                    card = next((f"{c}" for c in CARDS if gb <= HEADROOM * c), "-")
+                    cells.append(f"{gb:.1f} ({card})")
+                print(f"| {mode} | {'on' if rc else 'off'} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -122,9 +152,14 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["none", "stage1", "stage3"])
     ap.add_argument("--workdir", default=os.path.join(ROOT, "output", "bench_memory"))
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--plan", action="store_true", help="print the estimated GPU plan for Qwen2-VL-2B/7B instead")
+    ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention for --plan")
     args = ap.parse_args()
     if args.worker:
         _worker(args)
+        return
+    if args.plan:
+        plan(args.attn)
         return
     os.makedirs(args.workdir, exist_ok=True)
     rows = []

@@ -74,6 +74,26 @@ def lora_shapes(mc, r: int, target_modules) -> dict:
     return out
 
 
+def qwen2_vl_config(name: str):
+    """The published Qwen2-VL-2B/7B-Instruct architectures (values of their config.json files)."""
+    from ppiad.models.qwen2_vl import Qwen2VLConfig
+
+    vision = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "hidden_act": "quick_gelu"}
+    sizes = {
+        "2B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    }
+    if name not in sizes:
+        raise ValueError(f"unknown Qwen2-VL size {name!r}; known: {', '.join(sizes)}")
+    d = dict(sizes[name])
+    return Qwen2VLConfig.from_dict({**d, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                                    "vision_config": {**vision, "hidden_size": d["hidden_size"]}},
+                                   source=f"Qwen2-VL-{name}")
+
+
 # ------------------------------------------------------------------------------------------------- estimate
 @dataclass
 class Workload:
@@ -90,13 +110,15 @@ def _numel(shape) -> int:
 
 
 def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | None = None,
-             completion_tokens: int | None = None, image_patches: int | None = None) -> dict:
+             completion_tokens: int | None = None, image_patches: int | None = None,
+             gpu: bool | None = None) -> dict:
     """Predicted bytes per process for training `cfg` on `world_size` processes: {"params", "grads",
     "optimizer", "peak"} (ints) plus "transient" (peak minus the resident three).
 
     model_config: a `Qwen2VLConfig` (default: cfg.model.path's config.json); prompt_tokens (default
     cfg.model.max_prompt_length), completion_tokens (default grpo.max_new_tokens) and image_patches (default:
-    the patches of a max_pixels image) describe the step. Dtypes: cfg.model.dtype for weights and activations;
+    the patches of a max_pixels image) describe the step. gpu: plan for GPUs (None = this machine's
+    device): Paddle's alignment and, with model.attn_implementation=sdpa, fused attention. Dtypes: cfg.model.dtype for weights and activations;
     adapters, their gradients and optimizer state in fp32 (bf16: fp32 master weights and gradients)."""
     from ppiad.models.qwen2_vl import Qwen2VLConfig
 
@@ -110,12 +132,13 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
     wb = DTYPE_BYTES[cfg.model.dtype]
     mode = cfg.distributed.sharding if world_size > 1 else "none"
     seg = cfg.distributed.stage3_segment_size
+    gpu = _on_gpu(gpu)
     n = world_size
     params = 0
     for shape in parameter_shapes(mc).values():
         k = _numel(shape)
         if mode == "stage3" and k > seg:
-            params += _stage3_slice(k, wb, n) * wb
+            params += _stage3_slice(k, wb, n, gpu) * wb
         else:
             params += k * wb
     lora_sizes = [_numel(s) for s in lora_shapes(mc, cfg.lora.r, cfg.lora.target_modules).values()]
@@ -123,12 +146,14 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
     adapters = lora * 4                       # fp32 adapters (bf16: the optimizer's fp32 masters, below)
     grads = lora * 4                          # fp32 gradients (master_grad in bf16)
     if mode == "stage3":                      # one gradient buffer, each tensor padded to the alignment
-        grads = sum(_aligned(k * 4) for k in lora_sizes)
+        grads = sum(_aligned(k * 4, gpu) for k in lora_sizes)
     optimizer = lora * 4 * 2 + (lora * 4 if wb == 2 else 0)
     if mode in ("stage1", "stage2"):
         optimizer = optimizer // n
     resident = params + adapters + grads + optimizer
-    transient = _transient_bytes(mc, work, wb, cfg.train.recompute, cfg.grpo.beta != 0.0)
+    # sdpa keeps no score matrix only with a GPU's fused kernels (on CPU Paddle falls back to the math path)
+    fused = cfg.model.attn_implementation == "sdpa" and gpu
+    transient = _transient_bytes(mc, work, wb, cfg.train.recompute, cfg.grpo.beta != 0.0, scores=not fused)
     if mode == "stage3":
         # Weights gathered whole during the update: one decoder layer's split weights while backward passes it,
         # two with recompute (the recomputed forward gathers the layer again and keeps that copy as saved
@@ -142,22 +167,24 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
             "peak": resident + transient}
 
 
-def _alignment() -> int:
-    """Paddle's stage-3 buffer alignment in bytes: 256 on a GPU, 4,096 on the CPU (emulation)."""
+def _on_gpu(gpu: bool | None) -> bool:
+    if gpu is not None:
+        return gpu
     import paddle
 
-    return 256 if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else 4096
+    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
-def _aligned(nbytes: int) -> int:
-    a = _alignment()
+def _aligned(nbytes: int, gpu: bool) -> int:
+    """Paddle's stage-3 buffer alignment: 256 bytes on a GPU, 4,096 on the CPU (emulation)."""
+    a = 256 if gpu else 4096
     return int(math.ceil(nbytes / a) * a)
 
 
-def _stage3_slice(numel: int, elem_bytes: int, n: int) -> int:
+def _stage3_slice(numel: int, elem_bytes: int, n: int, gpu: bool) -> int:
     """Elements of one process's slice of a split parameter: Paddle pads each to the alignment and to a
     multiple of n, then gives each process 1/n."""
-    padded = _aligned(numel * elem_bytes) // elem_bytes
+    padded = _aligned(numel * elem_bytes, gpu) // elem_bytes
     padded += (-padded) % n
     return padded // n
 
@@ -170,15 +197,16 @@ def _stage3_slice(numel: int, elem_bytes: int, n: int) -> int:
 PER_HIDDEN, PER_INTERMEDIATE, PER_SCORE, PER_KV, PER_LOGIT = 13.6, 3.7, 1.25, 2.25, 2.0
 
 
-def _layer_activations(mc, rows: int, tokens: int, keys: int, wb: int) -> float:
-    """Bytes one decoder layer keeps for backward for `rows` x `tokens` queries over `keys` keys."""
+def _layer_activations(mc, rows: int, tokens: int, keys: int, wb: int, scores: bool = True) -> float:
+    """Bytes one decoder layer keeps for backward for `rows` x `tokens` queries over `keys` keys.
+    scores=False: a fused attention kernel that keeps no score matrix (flash attention on a GPU)."""
     h, d = mc.hidden_size, mc.head_dim
     return (wb * (PER_HIDDEN * rows * tokens * h + PER_INTERMEDIATE * rows * tokens * mc.intermediate_size
                   + PER_KV * rows * mc.num_key_value_heads * keys * d)
-            + 4 * PER_SCORE * rows * mc.num_attention_heads * tokens * keys)
+            + (4 * PER_SCORE * rows * mc.num_attention_heads * tokens * keys if scores else 0))
 
 
-def _transient_bytes(mc, w: Workload, wb: int, recompute: bool, reference: bool) -> int:
+def _transient_bytes(mc, w: Workload, wb: int, recompute: bool, reference: bool, scores: bool = True) -> int:
     """Bytes a step needs above the resident state: the largest of its phases (the update's policy forward
     + backward; the rollout's KV cache; the reference pass), plus the rollouts kept for the update.
 
@@ -193,10 +221,10 @@ def _transient_bytes(mc, w: Workload, wb: int, recompute: bool, reference: bool)
     logits = PER_LOGIT * 4 * n * c * V
     if recompute:
         kept = sum(wb * (rows * t * h + PER_KV * rows * kv * s * d) for rows, t, s in passes) * L + logits
-        update = kept + sum(_layer_activations(mc, *ps, wb) for ps in passes)
+        update = kept + sum(_layer_activations(mc, *ps, wb, scores) for ps in passes)
     else:
-        kept = L * sum(_layer_activations(mc, *ps, wb) for ps in passes) + logits
-        update = kept + max(4 * rows * mc.num_attention_heads * t * s for rows, t, s in passes)
+        kept = L * sum(_layer_activations(mc, *ps, wb, scores) for ps in passes) + logits
+        update = kept + (max(4 * rows * mc.num_attention_heads * t * s for rows, t, s in passes) if scores else 0)
     cache = 2 * L * n * kv * (p + c) * d * wb                       # generation's KV cache (all G samples)
     rollout = cache + 2 * cache / L + 3 * 4 * n * V                 # + one layer's concat copy + step logits
     ref = (3 * 4 * n * c * V + cache) if reference else 0           # no-grad logits, log-softmax, cache
