@@ -118,8 +118,9 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
     model_config: a `Qwen2VLConfig` (default: cfg.model.path's config.json); prompt_tokens (default
     cfg.model.max_prompt_length), completion_tokens (default grpo.max_new_tokens) and image_patches (default:
     the patches of a max_pixels image) describe the step. gpu: plan for GPUs (None = this machine's
-    device): Paddle's alignment and, with model.attn_implementation=sdpa, fused attention. Dtypes: cfg.model.dtype for weights and activations;
-    adapters, their gradients and optimizer state in fp32 (bf16: fp32 master weights and gradients)."""
+    device): Paddle's alignment and, with model.attn_implementation=sdpa, fused attention. Dtypes:
+    cfg.model.dtype for weights and activations; adapters, their gradients and optimizer state in fp32 (bf16:
+    fp32 master weights and gradients). Raises ValueError for an unknown dtype."""
     from ppiad.models.qwen2_vl import Qwen2VLConfig
 
     mc = model_config or Qwen2VLConfig.from_file(os.path.join(cfg.model.path, "config.json"))
@@ -129,6 +130,8 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
     work = Workload(cfg.train.prompts_per_device, cfg.grpo.num_generations,
                     int(prompt_tokens or cfg.model.max_prompt_length),
                     int(completion_tokens or cfg.grpo.max_new_tokens), int(image_patches))
+    if cfg.model.dtype not in DTYPE_BYTES:
+        raise ValueError(f"config key 'model.dtype': unknown dtype {cfg.model.dtype!r}")
     wb = DTYPE_BYTES[cfg.model.dtype]
     mode = cfg.distributed.sharding if world_size > 1 else "none"
     seg = cfg.distributed.stage3_segment_size
