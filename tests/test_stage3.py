@@ -79,6 +79,18 @@ def test_stage3_matches_data_parallel(runs, head):
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])
+def test_stage3_evaluation_with_uneven_decoding_and_forced_scores(runs, head):
+    dp, s3 = runs["none"], runs["stage3"]
+    for rank in range(2):
+        a, b = dp[rank][head]["evaluation"], s3[rank][head]["evaluation"]
+        assert b["sequences"] == a["sequences"] and b["forced"] == a["forced"]
+        np.testing.assert_allclose(b["scores"], a["scores"], rtol=1e-4, atol=1e-6)
+    r0, r1 = s3[0][head]["evaluation"], s3[1][head]["evaluation"]
+    assert len(r0["sequences"][0]) < len(r1["sequences"][0]) == 8     # rank 0 stopped early
+    assert not any(r0["forced"]) and all(r1["forced"])                  # only rank 1 needed the extra forward
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
 def test_stage1_matches_data_parallel(runs, head):
     """The logged grad_norm (and everything else) is the same under data parallel and sharding stage 1: the
     norm is taken after the gradients are combined over the processes."""
@@ -175,6 +187,7 @@ def _train(out_dir, sharding, assets, head):
         summary = tr.train()
     finally:
         generation.generate, distributed.release_gathered = real_generate, release
+    evaluation = _evaluate(tr, processor, samples)
     split = distributed.split_parameters(tr.core)
     held = sum(int(p.fw_storage._numel()) for p in split if p.status == "part")
     full = sum(int(np.prod(p.shape)) for p in split)
@@ -187,7 +200,32 @@ def _train(out_dir, sharding, assets, head):
             "split": len(split), "resident_after_step": len(distributed.resident_split_parameters(tr.core)),
             "resident_without_release": probe.get("before", 0) if sharding == "stage3" else 0,
             "held_split_elements": held, "full_split_elements": full, "decode_steps": decode_steps,
-            "metrics": metrics, "world": paddle.distributed.get_world_size()}
+            "metrics": metrics, "world": paddle.distributed.get_world_size(), "evaluation": evaluation}
+
+
+def _evaluate(tr, processor, samples):
+    """Greedy decoding with forced answer scores, as evaluation runs it, on different images per process:
+    rank 0 stops at its first stop token of many and finds an answer in every row (find_decision patched), so
+    only rank 1 needs the extra scoring forward; rank 1 decodes to max_new_tokens."""
+    import paddle
+
+    from ppiad.data.images import load_image
+    from ppiad.models import generation
+
+    rank = paddle.distributed.get_rank()
+    batch = samples[rank * 2:rank * 2 + 2]
+    inputs = processor.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch])
+    eos = processor.eos_token_ids if rank == 0 else processor.eos_token_ids[:1]
+    real = generation.AnswerTokens.find_decision
+    if rank == 0:
+        generation.AnswerTokens.find_decision = lambda self, tokens: (0, 0)
+    try:
+        res = generation.generate(tr.core, inputs, max_new_tokens=8, do_sample=False, eos_token_ids=eos,
+                                  tokenizer=processor.tokenizer, force_answer_score=True)
+    finally:
+        generation.AnswerTokens.find_decision = real
+    return {"sequences": res.sequences.numpy().tolist(), "scores": res.answer_scores.numpy().tolist(),
+            "forced": res.forced_score}
 
 
 def _setup_once(tr):
