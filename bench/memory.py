@@ -11,6 +11,7 @@ Stage 2 is not emulated (Paddle's stage-2 classes need four patches): the estima
     .venv/bin/python bench/memory.py                 # tiny and medium, all modes (~3 min on 2 cores)
     .venv/bin/python bench/memory.py --sizes tiny --modes stage3
     .venv/bin/python bench/memory.py --plan [--attn sdpa]   # docs/models.md: estimates for Qwen2-VL-2B/7B on GPUs
+    .venv/bin/python bench/memory.py --coefficients         # re-measure the estimator's activation coefficients
 CPU emulation of Paddle's sharding classes: evidence of ppiad's logic and of the estimator, not of GPU memory.
 """
 from __future__ import annotations
@@ -143,6 +144,52 @@ def plan(attn: str = "eager") -> None:
                 print(f"| {mode} | {'on' if rc else 'off'} | " + " | ".join(cells) + " |")
 
 
+def coefficients() -> None:
+    """Re-measure the estimator's per-element activation coefficients (ppiad.utils.memory.PER_*): Paddle's
+    allocator growth over a teacher-forced policy forward with gradient (completion_logprobs, LoRA r 4 on q/v,
+    1 prompt x G 4, fp32, one process) at 5 prompt/completion lengths for the tiny and medium stand-ins, fitted by
+    least squares to L x sum over the two passes (prompt; completions on its cache) of per-layer hidden, MLP,
+    attention-score and key/value element counts, plus the logits."""
+    import numpy as np
+    import paddle
+    from paddle.base import core
+
+    from ppiad.models.generation import completion_logprobs
+    from ppiad.models.lora import apply_lora
+    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    root = os.path.join(ROOT, "output", "bench_memory")
+    os.makedirs(root, exist_ok=True)
+    rows, ys = [], []
+    for size in ("tiny", "medium"):
+        model_dir, _ = _assets(root, size)
+        m = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+        apply_lora(m, 4, 16, 0.1)
+        m.train()
+        mc = m.config
+        for p_len, c_len in ((64, 16), (131, 24), (256, 24), (131, 64), (400, 48)):
+            rng = np.random.default_rng(0)
+            inputs = {"input_ids": paddle.to_tensor(rng.integers(10, 200, size=(1, p_len))),
+                      "attention_mask": paddle.ones([1, p_len], dtype="int64")}
+            seqs = paddle.to_tensor(rng.integers(10, 200, size=(4, c_len)))
+            before = core.host_memory_stat_current_value("Allocated", 0)
+            logp = completion_logprobs(m, inputs, seqs, paddle.ones([4, c_len]), 4)
+            ys.append(core.host_memory_stat_current_value("Allocated", 0) - before)
+            del logp
+            passes = ((1, p_len, p_len), (4, c_len, p_len + c_len))
+            L = mc.num_hidden_layers
+            rows.append([4 * L * sum(r * t * mc.hidden_size for r, t, _ in passes),
+                         4 * L * sum(r * t * mc.intermediate_size for r, t, _ in passes),
+                         4 * L * sum(r * mc.num_attention_heads * t * k for r, t, k in passes),
+                         4 * L * sum(r * mc.num_key_value_heads * k * mc.head_dim for r, t, k in passes),
+                         4 * 4 * c_len * mc.vocab_size])
+    x, y = np.array(rows, float), np.array(ys, float)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    names = ("PER_HIDDEN", "PER_INTERMEDIATE", "PER_SCORE", "PER_KV", "PER_LOGIT")
+    print(", ".join(f"{n} {c:.2f}" for n, c in zip(names, coef)))
+    print(f"max relative error of the fit: {np.max(np.abs(x @ coef - y) / y):.2%} over {len(y)} forwards")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -154,9 +201,13 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--plan", action="store_true", help="print the estimated GPU plan for Qwen2-VL-2B/7B instead")
     ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention for --plan")
+    ap.add_argument("--coefficients", action="store_true", help="re-measure the estimator's activation coefficients")
     args = ap.parse_args()
     if args.worker:
         _worker(args)
+        return
+    if args.coefficients:
+        coefficients()
         return
     if args.plan:
         plan(args.attn)

@@ -192,9 +192,10 @@ def _stage3_slice(numel: int, elem_bytes: int, n: int, gpu: bool) -> int:
     return padded // n
 
 
-# Bytes autograd keeps per element in ppiad's decoder forward, per layer (fp32), measured on CPU: Paddle's
-# allocator growth over a teacher-forced policy forward (completion_logprobs, LoRA on q/v), least squares over
-# 10 forwards (tiny and medium stand-ins x 5 prompt/completion lengths), max error 0.1 %. They match the tensor
+# Bytes autograd keeps per element in ppiad's decoder forward, per layer (fp32), measured on CPU
+# (`bench/memory.py --coefficients`): Paddle's allocator growth over a teacher-forced policy forward
+# (completion_logprobs, LoRA on q/v), least squares over 10 forwards (tiny and medium stand-ins x 5
+# prompt/completion lengths), max error 0.07 %. They match the tensor
 # inventory: e.g. 1.25 per attention element = one fp32 score + one bool mask entry; 2 per logit = the concat
 # and the log-softmax input.
 PER_HIDDEN, PER_INTERMEDIATE, PER_SCORE, PER_KV, PER_LOGIT = 13.6, 3.7, 1.25, 2.25, 2.0
