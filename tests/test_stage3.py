@@ -75,6 +75,7 @@ def test_stage3_matches_data_parallel(runs, head):
     steps0, steps1 = s3[0][head]["decode_steps"], s3[1][head]["decode_steps"]
     assert steps0 != steps1, "the rollouts should stop at different steps on the two processes"
     _same_metrics(dp[0][head]["metrics"], s3[0][head]["metrics"])   # loss, rewards, kl, grad_norm, ...
+    assert all(m["grad_norm"] > 0.05 for m in s3[0][head]["metrics"])  # the clip (max norm 0.05) acted
     assert s3[0][head]["metrics"][0]["loss"] != 0.0 and s3[0][head]["metrics"][0]["grad_norm"] > 0
 
 
@@ -145,7 +146,8 @@ def _train(out_dir, sharding, assets, head):
 
     cfg = load_config(None, tiny_overrides(assets, out_dir, f"{sharding}_{head}", f"train.max_steps={STEPS}",
                                            "grpo.beta=0.04", "train.grad_accum_steps=2", "train.save_every=100",
-                                           "grpo.max_new_tokens=10", f"distributed.sharding={sharding}",
+                                           "grpo.max_new_tokens=10", "train.max_grad_norm=0.05",
+                                           f"distributed.sharding={sharding}",
                                            f"distributed.stage3_segment_size={SEGMENT}"))
     model = Qwen2VLForConditionalGeneration.from_pretrained(assets["model"])
     if head == "untied":
