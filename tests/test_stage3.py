@@ -92,6 +92,14 @@ def test_stage3_evaluation_with_uneven_decoding_and_forced_scores(runs, head):
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])
+def test_resume_under_stage3_is_exact(runs, head):
+    for mode in ("none", "stage3"):
+        for rank in range(2):
+            r = runs[mode][rank][head]
+            assert r["resumed_sha256"] == r["sha256"], (mode, rank)
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
 def test_stage1_matches_data_parallel(runs, head):
     """The logged grad_norm (and everything else) is the same under data parallel and sharding stage 1: the
     norm is taken after the gradients are combined over the processes."""
@@ -144,14 +152,19 @@ def _train(out_dir, sharding, assets, head):
     from ppiad.utils import distributed
     from tests.test_trainer import tiny_overrides
 
-    cfg = load_config(None, tiny_overrides(assets, out_dir, f"{sharding}_{head}", f"train.max_steps={STEPS}",
-                                           "grpo.beta=0.04", "train.grad_accum_steps=2", "train.save_every=100",
-                                           "grpo.max_new_tokens=10", "train.max_grad_norm=0.05",
-                                           f"distributed.sharding={sharding}",
-                                           f"distributed.stage3_segment_size={SEGMENT}"))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(assets["model"])
-    if head == "untied":
-        model = _untied(model)
+    def config(run_name, *extra):
+        return load_config(None, tiny_overrides(assets, out_dir, run_name, f"train.max_steps={STEPS}",
+                                                "grpo.beta=0.04", "train.grad_accum_steps=2", "train.save_every=2",
+                                                "grpo.max_new_tokens=10", "train.max_grad_norm=0.05",
+                                                f"distributed.sharding={sharding}",
+                                                f"distributed.stage3_segment_size={SEGMENT}", *extra))
+
+    def fresh_model():
+        m = Qwen2VLForConditionalGeneration.from_pretrained(assets["model"])
+        return _untied(m) if head == "untied" else m
+
+    cfg = config(f"{sharding}_{head}")
+    model = fresh_model()
     processor = Qwen2VLProcessor.from_config(cfg)
     # Many stop tokens (half the vocabulary): sampled rollouts end after a few steps, unevenly.
     vocab = model.config.vocab_size
@@ -190,6 +203,10 @@ def _train(out_dir, sharding, assets, head):
     finally:
         generation.generate, distributed.release_gathered = real_generate, release
     evaluation = _evaluate(tr, processor, samples)
+    # exact resume: a new process state from the step-2 checkpoint computes the same step 3
+    resumed = trainer_mod.GRPOTrainer(
+        config(f"{sharding}_{head}_resumed", f"train.resume={summary['run_dir']}/checkpoints/step_000002"),
+        model=fresh_model(), processor=processor, samples=samples).train()
     split = distributed.split_parameters(tr.core)
     held = sum(int(p.fw_storage._numel()) for p in split if p.status == "part")
     full = sum(int(np.prod(p.shape)) for p in split)
@@ -202,7 +219,8 @@ def _train(out_dir, sharding, assets, head):
             "split": len(split), "resident_after_step": len(distributed.resident_split_parameters(tr.core)),
             "resident_without_release": probe.get("before", 0) if sharding == "stage3" else 0,
             "held_split_elements": held, "full_split_elements": full, "decode_steps": decode_steps,
-            "metrics": metrics, "world": paddle.distributed.get_world_size(), "evaluation": evaluation}
+            "metrics": metrics, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
+            "sha256": summary["adapter_sha256"], "resumed_sha256": resumed["adapter_sha256"]}
 
 
 def _evaluate(tr, processor, samples):
