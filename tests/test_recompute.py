@@ -58,3 +58,24 @@ def test_unknown_attention_refused(tiny):
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny)
     with pytest.raises(ValueError, match="attn_implementation must be one of eager, sdpa"):
         model.set_attn_implementation("flash")
+
+
+def test_sdpa_generation_equals_eager(tiny):
+    """Decoding (prefill with left padding, then one token per step over the KV cache) with sdpa attention
+    gives the eager path's tokens and log-probs."""
+    from ppiad.models.generation import generate
+    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(10, 200, size=(2, 9))
+    mask = np.ones((2, 9), dtype="int64")
+    mask[0, :4] = 0
+    inputs = {"input_ids": paddle.to_tensor(ids), "attention_mask": paddle.to_tensor(mask)}
+    out = {}
+    for attn in ("eager", "sdpa"):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tiny)
+        model.set_attn_implementation(attn)
+        out[attn] = generate(model, inputs, num_samples=2, max_new_tokens=6, do_sample=True, seed=4,
+                             eos_token_ids=[-1])
+    assert out["sdpa"].sequences.numpy().tolist() == out["eager"].sequences.numpy().tolist()
+    np.testing.assert_allclose(out["sdpa"].logprobs.numpy(), out["eager"].logprobs.numpy(), rtol=1e-4, atol=1e-5)
