@@ -22,6 +22,21 @@ SEGMENT = 2048   # elements: splits the embedding, MLPs, patch conv; the LoRA te
 STEPS = 3
 
 
+def test_wrap_refuses_split_adapters_and_optimizer_clips(monkeypatch):
+    import paddle
+
+    from ppiad.utils import distributed
+
+    monkeypatch.setenv(distributed.EMULATE_ENV, "1")
+    layer = paddle.nn.Linear(64, 64)       # 4,160 trainable elements in two tensors
+    env = distributed.DistEnv(0, 2, "stage3")
+    with pytest.raises(ValueError, match="stage3_segment_size=1000 is smaller than trainable parameter"):
+        distributed.wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), env, segment_size=1000)
+    clipped = paddle.optimizer.SGD(parameters=layer.parameters(), grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    with pytest.raises(ValueError, match="without grad_clip"):
+        distributed.wrap(layer, clipped, env)
+
+
 def _launch(tmp_path, name, sharding, assets, timeout=240):
     out = tmp_path / name
     out.mkdir()
