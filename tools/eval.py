@@ -92,7 +92,7 @@ def run(args, cfg, predictor_factory) -> int:
     metrics = run_evaluation(samples, predictor, out_dir, batch_size=cfg.eval.batch_size, meta=meta,
                              max_images=cfg.eval.max_images, calibrate=calibrate,
                              target_fpr=cfg.eval.target_fpr, threshold=threshold, title=title, progress=not args.no_progress,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, bit_depth=part.bit_depth)
     if metrics is not None:
         o = metrics["overall"]
         line = (f"{title}: accuracy {100 * o['accuracy']:.2f}  F1-macro {100 * o['f1_macro']:.2f}  "
