@@ -46,6 +46,9 @@ import paddle.nn.functional as F
 from ppiad.prompt import parse_completion
 
 ANSWER_OPEN = "<answer"
+# Names how answer scores are computed; part of an evaluation's identity (ppiad.eval.identity), so predictions
+# scored by an older rule are never mixed with new ones. Change it whenever the score's definition changes.
+ANSWER_SCORE_METHOD = "P(letter token) vs its A/B twin, at the token holding the verdict letter (v2)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The identity of an evaluation: every setting its predictions depend on (ppiad.utils.identity explains the
+check and the fingerprints). Two evaluations with the same identity give the same predictions, so a re-run may
+resume from the other's; any difference stops it."""
+from __future__ import annotations
+
+import os
+import re
+
+from ppiad.config import Config
+from ppiad.utils.identity import adapter_fingerprint, model_fingerprint, text_fingerprint
+
+
+def effective_dtype(dtype: str) -> str:
+    """The dtype inference really runs in: bfloat16 needs a GPU (Paddle's CPU build has no bf16 matmul)."""
+    if dtype != "bfloat16":
+        return dtype
+    import paddle
+
+    return dtype if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else "float32"
+
+
+def evaluation_identity(cfg: Config) -> dict:
+    """{setting: value} for an evaluation of cfg.model (+ cfg.model.adapter) on cfg.data.eval.
+
+    Sampling settings and the seed count only when eval.do_sample is on (greedy decoding ignores them); the
+    dataset's folder keys only for folder datasets. eval.max_images and eval.batch_size are not part of it:
+    a subset of the same predictions is still the same predictions."""
+    from ppiad.models.generation import ANSWER_SCORE_METHOD
+    from ppiad.prompt import PROMPT_TEMPLATE
+
+    m, part = cfg.model, cfg.data.eval
+    ident = {
+        "model.path (weights and config)": model_fingerprint(m.path),
+        "model.adapter": adapter_fingerprint(m.adapter),
+        "model.dtype": effective_dtype(m.dtype),
+        "model.min_pixels": m.min_pixels,
+        "model.max_pixels": m.max_pixels,
+        "model.max_prompt_length": m.max_prompt_length,
+        "prompt": text_fingerprint(PROMPT_TEMPLATE),
+        "answer score": ANSWER_SCORE_METHOD,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.do_sample": cfg.eval.do_sample,
+        "data.eval.dataset": part.dataset,
+        "data.eval.root": os.path.abspath(part.root),
+        "data.eval.split": part.split,
+        "data.eval.categories": sorted(part.categories),
+        "data.eval.bit_depth": part.bit_depth,
+        "data.object_names": dict(sorted(cfg.data.object_names.items())),
+    }
+    if cfg.eval.do_sample:
+        ident.update({"eval.temperature": cfg.eval.temperature, "seed": cfg.seed})
+    if part.dataset == "folder":
+        ident.update({"data.eval.normal_dirs": sorted(part.normal_dirs),
+                      "data.eval.exclude_dirs": sorted(part.exclude_dirs)})
+    return ident
+
+
+def model_tag(cfg: Config) -> str:
+    """A folder-name-safe name for the model and adapter evaluated: "<model dir>_base" or
+    "<model dir>_<adapter name>-<8 hex of the adapter's content hash>" (two adapters both called `final` or
+    `step_000300` from different runs get different tags)."""
+    model = os.path.basename(os.path.normpath(cfg.model.path)) or "model"
+    if not cfg.model.adapter:
+        return _safe(f"{model}_base")
+    adapter = os.path.normpath(cfg.model.adapter)
+    name = os.path.basename(adapter)
+    if name in ("latest", "adapter_model.safetensors"):
+        name = os.path.basename(os.path.dirname(adapter))
+    return _safe(f"{model}_{os.path.splitext(name)[0]}-{adapter_fingerprint(cfg.model.adapter)[7:15]}")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "model"
