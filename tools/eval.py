@@ -3,7 +3,7 @@
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/final
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter= --output_dir output/base_on_visa
     python -m paddle.distributed.launch --nproc_per_node 4 tools/eval.py -c configs/lriad_mvtec.yaml
-    python tools/eval.py --compare "Qwen2-VL base=output/base_on_visa" "LR-IAD=output/lriad_mvtec/eval_visa_all" \
+    python tools/eval.py --compare "Qwen2-VL base=output/base_on_visa" "LR-IAD=<folder the first command printed>" \
         --output_dir output/table3      (paper-style comparison of finished runs; no model is loaded)
 
 Data: cfg.data.eval (dataset, root, split, categories). Output (default

@@ -57,16 +57,18 @@ def evaluation_identity(cfg: Config) -> dict:
 
 def model_tag(cfg: Config) -> str:
     """A folder-name-safe name for the model and adapter evaluated: "<model dir>_base" or
-    "<model dir>_<adapter name>-<8 hex of the adapter's content hash>" (two adapters both called `final` or
-    `step_000300` from different runs get different tags)."""
+    "<model dir>_<adapter name>-<8 hex of the adapter's content hash>", the adapter name being its checkpoint
+    directory (`checkpoints/latest` resolved to `step_000300`) or its file name; two adapters with the same
+    name from different runs get different tags."""
+    from ppiad.models.lora import ADAPTER_WEIGHTS, _resolve   # the loader's rule: directory, file or `latest`
+
     model = os.path.basename(os.path.normpath(cfg.model.path)) or "model"
     if not cfg.model.adapter:
         return _safe(f"{model}_base")
-    adapter = os.path.normpath(cfg.model.adapter)
-    name = os.path.basename(adapter)
-    if name in ("latest", "adapter_model.safetensors"):
-        name = os.path.basename(os.path.dirname(adapter))
-    return _safe(f"{model}_{os.path.splitext(name)[0]}-{adapter_fingerprint(cfg.model.adapter)[7:15]}")
+    weights, _ = _resolve(cfg.model.adapter)
+    name = (os.path.basename(os.path.dirname(os.path.abspath(weights))) if os.path.basename(weights) == ADAPTER_WEIGHTS
+            else os.path.splitext(os.path.basename(weights))[0])
+    return _safe(f"{model}_{name}-{adapter_fingerprint(cfg.model.adapter)[7:15]}")
 
 
 def _safe(name: str) -> str:
