@@ -4,7 +4,7 @@
 is a defect type, its name being the type, except:
 - folders named in `exclude_dirs`;
 - mask folders, which are never training or test images: recognised by name (`ground_truth`, `gt`, `mask(s)`,
-  `label(s)`, case-insensitive; MVTec-AD keeps its masks in `ground_truth/`) and by content (every one of the
+  case-insensitive; MVTec-AD keeps its masks in `ground_truth/`) and by content (every one of the
   first few images is single-channel with at most two values, black and one other: a binary mask).
   A category that is itself a mask folder (a root pointed at one MVTec-AD category gives `ground_truth` as a
   category) is skipped the same way.
@@ -29,7 +29,9 @@ from ppiad.data.sample import DEFECT, NORMAL, Sample
 
 LAYOUT = ("a folder layout: <root>/<category>/good/*.png (normal) and <root>/<category>/<defect_type>/*.png "
           "(defect)")
-MASK_DIR_NAMES = ("ground_truth", "groundtruth", "gt", "mask", "masks", "label", "labels")
+# Names that mean masks in every layout we know of; "label(s)" is left out on purpose (a product's label can be
+# a defect type): such folders are still caught by content when they hold binary masks.
+MASK_DIR_NAMES = ("ground_truth", "groundtruth", "gt", "mask", "masks")
 MASK_SAMPLE = 3   # images of a folder looked at to recognise masks by content
 _SINGLE_CHANNEL = ("1", "L", "I;16", "I;16B", "I;16L", "I")
 
