@@ -24,6 +24,9 @@ def strict_spellings():
     for lead, mid, before, after, tail, letter in itertools.product(
             ["", "\n"], ["", " ", "\n\n"], pads, pads, ["", "\n"], "AB"):
         yield f"{lead}<think>a scratch on the rim</think>{mid}<answer>{before}{letter}{after}</answer>{tail}"
+    for think in ["", "边缘有划痕 (a scratch)", "it says <answer B or <answer A in the manual", "\n\n"]:
+        for letter in "AB":   # reasoning that is empty, multi-byte, or holds "<answer" without the tag
+            yield f"<think>{think}</think> <answer> {letter}</answer>"
     for ch in WHITESPACE:   # every single whitespace character on either side of the letter
         for letter in "AB":
             yield f"<think>ok</think> <answer>{ch}{letter}{ch}</answer>"
