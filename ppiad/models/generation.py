@@ -93,7 +93,7 @@ class AnswerTokens:
     merged_ids: Optional[tuple[int, int]]      # ">A", ">B" when the vocabulary has them, else None
     open_ids: list[int]                        # tokens of "<answer" (forced score, merged tokenizers)
     close_ids: list[int]                       # tokens of ">" (forced score, split tokenizers)
-    pieces: dict = field(default_factory=dict, repr=False)   # id -> decoded text, filled lazily
+    pieces: dict = field(default_factory=dict, repr=False)   # id -> UTF-8 bytes of the token, filled lazily
     tokenizer: object = field(default=None, repr=False)
 
     @classmethod
