@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ppiad.config import load_config
-from ppiad.demo.pipeline import check_outputs, prepare_data, prepare_model, run_dir, run_identity
+from ppiad.demo.pipeline import RUN_IDENTITY, check_outputs, prepare_data, prepare_model, run_dir, run_identity
 from ppiad.utils.identity import IdentityError, write_identity
 
 from tests.test_demo import ROOT, small_overrides
@@ -23,7 +23,7 @@ def seed0(tmp_path_factory):
     cfg = _cfg(tmp)
     check_outputs(cfg)
     os.makedirs(os.path.join(run_dir(cfg), "checkpoints"))
-    write_identity(run_dir(cfg), run_identity(cfg))
+    write_identity(run_dir(cfg), run_identity(cfg), RUN_IDENTITY)
     prepare_data(cfg, log=lambda m: None)
     prepare_model(cfg, log=lambda m: None)
     check_outputs(cfg)   # the same settings pass

@@ -2,12 +2,12 @@
 
 Each stage leaves its output where the config says (data roots, model.path, the run directory) and is skipped
 when that output is already complete, so an interrupted demo continues where it stopped. Every such output
-records what made it (the data trees in synthetic.json, the warm start and the run directory in identity.json,
-each evaluation folder in its own identity.json), and `check_outputs` stops the demo (exit code 2, one line
-naming the differing keys) before anything runs when an existing output was made with other settings: e.g.
-`-o seed=1` after a seed-0 run must get its own data roots, model.path and run_name. Training,
-evaluation and inspection run through the real command-line tools, exactly as a user would run them; the
-demo prints each command.
+records what made it (the data trees in synthetic.json, the warm start in identity.json, the run directory in
+demo_identity.json beside tools/train.py's identity.json, each evaluation folder in its own identity.json),
+and `check_outputs` stops the demo (exit code 2, one line naming the differing keys) before anything runs
+when an existing output was made with other settings: e.g. `-o seed=1` after a seed-0 run must get its own
+data roots, model.path and run_name. Training, evaluation and inspection run through the real command-line
+tools, exactly as a user would run them; the demo prints each command.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from ppiad.config import Config
 from ppiad.data.registry import build_dataset
 from ppiad.eval.metrics import false_alarm_rate
-from ppiad.utils.identity import IdentityError, check_identity, differing_keys, write_identity
+from ppiad.utils.identity import IdentityError, check_identity, differing_keys, flat_settings, write_identity
 from ppiad.utils.io import atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,19 +38,8 @@ def run_dir(cfg: Config) -> str:
 # What made each output
 # ---------------------------------------------------------------------------------------------------------
 # Settings that do not change the demo's results: where outputs go, how often they are saved or logged.
-_NOT_IDENTITY = {"train.save_every", "train.log_every", "train.resume"}
-
-
-def _flat(node: dict, prefix: str) -> dict:
-    """{"grpo.beta": 0.0, "rewards.focal.alpha": 1.0, ...} for one config section, minus _NOT_IDENTITY."""
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, name))
-        elif name not in _NOT_IDENTITY:
-            out[name] = value
-    return out
+_NOT_IDENTITY = frozenset({"train.save_every", "train.log_every", "train.resume", "model.path", "model.adapter"})
+RUN_IDENTITY = "demo_identity.json"   # beside tools/train.py's own identity.json in the run directory
 
 
 def data_identity(cfg: Config, which: str) -> dict:
@@ -87,10 +76,8 @@ def run_identity(cfg: Config) -> dict:
     """What the run directory's training checkpoints depend on: the warm start, both data trees and every
     model, LoRA, reward, GRPO and training setting (not where or how often things are saved or logged)."""
     ident = {**warmstart_identity(cfg), **data_identity(cfg, "eval")}
-    for section in ("model", "lora", "rewards", "grpo", "train"):
-        ident.update(_flat(cfg[section], section))
-    ident.pop("model.path", None)   # a path; the warm start's own settings above say what it holds
-    ident.pop("model.adapter", None)
+    for section in ("model", "lora", "rewards", "grpo", "train"):   # model.path: the warm start's settings say it
+        ident.update(flat_settings(cfg[section], section, _NOT_IDENTITY))
     return ident
 
 
@@ -110,7 +97,8 @@ def check_outputs(cfg: Config) -> None:
     from ppiad.rl.checkpoint import CHECKPOINTS
 
     check_identity(run_dir(cfg), run_identity(cfg), "a demo run", "pass another run_name (or output_dir) or "
-                   "delete that folder", has_results=os.path.isdir(os.path.join(run_dir(cfg), CHECKPOINTS)))
+                   "delete that folder", has_results=os.path.isdir(os.path.join(run_dir(cfg), CHECKPOINTS)),
+                   filename=RUN_IDENTITY)
 
 
 def prepare_data(cfg: Config, log: Callable = print) -> None:
@@ -225,7 +213,7 @@ def run_demo(cfg: Config, config_path: str, overrides: Sequence[str], log: Calla
     check_outputs(cfg)   # before anything is written: a differing earlier run stops the demo here
     out = run_dir(cfg)
     os.makedirs(out, exist_ok=True)
-    write_identity(out, run_identity(cfg))
+    write_identity(out, run_identity(cfg), RUN_IDENTITY)
     prepare_data(cfg, log)
     prepare_model(cfg, log)
 

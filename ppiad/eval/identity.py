@@ -7,16 +7,7 @@ import os
 import re
 
 from ppiad.config import Config
-from ppiad.utils.identity import adapter_fingerprint, model_fingerprint, text_fingerprint
-
-
-def effective_dtype(dtype: str) -> str:
-    """The dtype inference really runs in: bfloat16 needs a GPU (Paddle's CPU build has no bf16 matmul)."""
-    if dtype != "bfloat16":
-        return dtype
-    import paddle
-
-    return dtype if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else "float32"
+from ppiad.utils.identity import adapter_fingerprint, effective_dtype, model_fingerprint, text_fingerprint
 
 
 def evaluation_identity(cfg: Config) -> dict:

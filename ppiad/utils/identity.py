@@ -1,14 +1,14 @@
 """What produced a resumable output, and the check that a re-run does not mix results of different settings.
 
-An output folder that a re-run continues (an evaluation's predictions, the demo's data trees, warm start and
-run directory) holds `identity.json`: a flat mapping {setting: value} of everything its results depend on.
+An output folder that a re-run continues (an evaluation's predictions, a training run's checkpoints, the
+demo's data trees, warm start and run) holds `identity.json` (`demo_identity.json` for the demo's run): a flat mapping {setting: value} of everything its results depend on.
 A re-run computes its own identity first; if the folder's differs, it stops (IdentityError, exit code 2 in
 the tools) with one line naming the differing keys, before anything is loaded or written.
 
 Fingerprints:
 - `file_fingerprint`: SHA-256 of the file size and of its first, middle and last MiB (the whole file when it
-  is at most 3 MiB). Why not a full content hash: Qwen2-VL-7B's 15 GB of safetensors take minutes to read on
-  an ordinary disk at every evaluation. Why not names, sizes and mtimes: a copy (`cp`, a download to another
+  is at most 3 MiB). Why not a full content hash: it would read Qwen2-VL-7B's 15 GB of safetensors at every
+  evaluation. Why not names, sizes and mtimes: a copy (`cp`, a download to another
   disk) changes every mtime, and a retrained checkpoint keeps its names and sizes. Training changes every
   tensor, so the sampled bytes differ between checkpoints; an edit confined to bytes outside the samples
   would not be seen (a documented limit).
@@ -93,14 +93,38 @@ def differing_keys(stored: Mapping, wanted: Mapping) -> list[str]:
     return sorted(k for k in set(stored) | set(wanted) if stored.get(k, "<absent>") != wanted.get(k, "<absent>"))
 
 
-def check_identity(folder: str, wanted: Mapping, what: str, hint: str, has_results: bool | None = None) -> bool:
+def effective_dtype(dtype: str) -> str:
+    """The dtype Paddle really runs in: bfloat16 needs a GPU (Paddle's CPU build has no bf16 matmul)."""
+    if dtype != "bfloat16":
+        return dtype
+    import paddle
+
+    return dtype if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else "float32"
+
+
+def flat_settings(node: Mapping, prefix: str, exclude: frozenset | set = frozenset()) -> dict:
+    """{"grpo.beta": 0.0, "rewards.focal.alpha": 1.0, ...} for one config section, leaving out `exclude`."""
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if name in exclude:
+            continue
+        if isinstance(value, Mapping) and value:
+            out.update(flat_settings(value, name, exclude))
+        else:
+            out[name] = value
+    return out
+
+
+def check_identity(folder: str, wanted: Mapping, what: str, hint: str, has_results: bool | None = None,
+                   filename: str = IDENTITY_FILE) -> bool:
     """Stop if `folder` holds results of other settings. Returns True when the folder's identity matches,
     False when the folder has no identity and no results yet (a fresh start).
 
     `has_results`: whether the folder already holds results (default: it exists and is not empty); results
     without identity.json (from an older ppiad) are refused too. `what` names the results, `hint` says what to
     do instead (another output folder, delete it). Raises IdentityError with one line."""
-    path = os.path.join(folder, IDENTITY_FILE)
+    path = os.path.join(folder, filename)
     if os.path.isfile(path):
         try:
             stored = read_json(path)
@@ -114,13 +138,13 @@ def check_identity(folder: str, wanted: Mapping, what: str, hint: str, has_resul
     if has_results is None:
         has_results = os.path.isdir(folder) and bool(os.listdir(folder))
     if has_results:
-        raise IdentityError(f"'{folder}' holds {what} without {IDENTITY_FILE} (made by an older ppiad, settings "
+        raise IdentityError(f"'{folder}' holds {what} without {filename} (made by an older ppiad, settings "
                             f"unknown); {hint}")
     return False
 
 
-def write_identity(folder: str, identity: Mapping) -> None:
-    atomic_write_json(os.path.join(folder, IDENTITY_FILE), _plain(identity))
+def write_identity(folder: str, identity: Mapping, filename: str = IDENTITY_FILE) -> None:
+    atomic_write_json(os.path.join(folder, filename), _plain(identity))
 
 
 def _plain(identity: Mapping) -> dict:
