@@ -39,15 +39,36 @@ def group_advantages(rewards, group_size: int, norm: str = "std", eps: float = 1
     return adv.reshape(-1).astype(np.float32)
 
 
-def weighted_advantages(rewards, advantage_weights, group_size: int, norm: str = "std",
-                        eps: float = 1e-4) -> np.ndarray:
-    """Normalise within groups first, then scale each row by its weight (the order matters: a weight
-    applied before normalisation is cancelled by the std when it is constant within a group)."""
-    adv = group_advantages(rewards, group_size, norm, eps)
-    w = np.asarray(advantage_weights, dtype=np.float32).reshape(-1)
+def weighted_advantages(rewards, advantage_weights, group_size: int, norm: str = "std", eps: float = 1e-4,
+                        weighted_part=None) -> np.ndarray:
+    """Group advantages with a per-row weight on one part of the reward, float32 [N].
+
+    rewards r [N] = weighted_part w [N] + the rest. The group statistics (mean, std) are those of r, and the
+    advantage splits linearly: A_i = (r_i - mean r) / s = (w_i - mean w) / s + (rest_i - mean rest) / s,
+    with s = std_g(r) + eps (norm std) or 1 (mean_only). Only the first term is scaled:
+        Â_i = A_i + (u_i - 1) * (w_i - mean_g w) / s.
+    weighted_part None = all of r (Â = u * A). The weight acts after normalisation (a weight applied before
+    it is cancelled by the std when it is constant within a group). A group whose rewards are all equal gets
+    0, as in `group_advantages`. ValueError if the shapes differ.
+    """
+    adv = group_advantages(rewards, group_size, norm, eps).astype(np.float64)
+    u = np.asarray(advantage_weights, dtype=np.float64).reshape(-1)
+    if u.shape != adv.shape:
+        raise ValueError(f"{u.size} advantage weights for {adv.size} completions")
+    if weighted_part is None:
+        return (adv * u).astype(np.float32)
+    w = np.asarray(weighted_part, dtype=np.float64).reshape(-1)
     if w.shape != adv.shape:
-        raise ValueError(f"{w.size} advantage weights for {adv.size} completions")
-    return adv * w
+        raise ValueError(f"{w.size} weighted-part rewards for {adv.size} completions")
+    r = np.asarray(rewards.numpy() if isinstance(rewards, paddle.Tensor) else rewards, dtype=np.float64)
+    r, w2 = r.reshape(-1, group_size), w.reshape(-1, group_size)
+    flat = np.ptp(r, axis=1, keepdims=True) == 0   # identical rewards: no signal, whatever the parts do
+    if norm == "std" and group_size > 1:
+        scale = r.std(axis=1, ddof=1, keepdims=True) + eps
+    else:
+        scale = np.ones_like(r[:, :1])
+    part = np.where(flat, 0.0, (w2 - w2.mean(axis=1, keepdims=True)) / scale).reshape(-1)
+    return (adv + (u - 1.0) * part).astype(np.float32)
 
 
 def _as_tensor(x, like: paddle.Tensor) -> paddle.Tensor:

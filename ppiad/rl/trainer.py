@@ -3,7 +3,7 @@
 One optimizer step, on every process (rank) with its own share of the prompts:
 1. rollouts, for each of `grad_accum_steps` micro-batches of `prompts_per_device` prompts: G completions per
    prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`),
-   group advantages times the focal advantage weights (`grpo.weighted_advantages`), and the reference
+   group advantages with the focal weights on their correctness part (`grpo.weighted_advantages`), the reference
    log-probs (same network, adapters disabled, no gradient);
 2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on),
    `grpo.grpo_loss`, backward; token averaging divides by the completion tokens of the whole step, so the
@@ -256,9 +256,10 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         shared_embeds = res.image_embeds if self.share_image_embeds else None
         token_p = res.answer_scores.numpy()
-        total, per_reward, weights = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
-                                                     token_p=token_p, class_factors=self.class_factors)
-        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps)
+        total, per_reward, weights, weighted = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
+                                                               token_p=token_p, class_factors=self.class_factors)
+        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps,
+                                  weighted_part=weighted)
         ref = None
         if g.beta != 0.0:  # with beta = 0 the loss has no KL term: skip the reference pass (~20% of a step)
             core.eval()
