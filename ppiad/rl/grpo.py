@@ -3,10 +3,14 @@
 Formulas (docs/method.md has the derivation and the choices):
     A_i      = (r_i - mean_g(r)) / (std_g(r) + eps)          norm = "std"   (std unbiased, as TRL's torch.std)
     A_i      =  r_i - mean_g(r)                              norm = "mean_only"
-    ratio_t  = exp(logp_t - old_logp_t)
+    ratio_t  = exp(clip(logp_t - old_logp_t, -L, L))
     surr_t   = -min(ratio_t * A_i, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A_i)
-    kl_t     = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3 estimator of KL(policy || reference), >= 0)
+    kl_t     = exp(d_t) - d_t - 1,  d_t = clip(ref_t - logp_t, -L, L)   (k3 estimator of KL(policy || ref), >= 0)
     loss_t   = surr_t + beta * kl_t
+L = LOG_RATIO_LIMIT = 20: both log-ratios are clamped before exp, as verl does for its KL (`kl_penalty`,
+clamp to [-20, 20]), so that a large gap gives at most exp(20) = 4.9e8 (finite in float32 and bfloat16)
+instead of inf; beyond the limit the term has no gradient. Far outside anything a healthy run sees (the
+clipped surrogate ignores ratios beyond 1 +- epsilon anyway).
 averaged over completion tokens: "token" = sum over all tokens of the batch / number of tokens (default),
 "sequence" = mean over each completion's tokens, then mean over completions.
 """
@@ -16,6 +20,7 @@ import numpy as np
 import paddle
 
 AVERAGING = ("token", "sequence")
+LOG_RATIO_LIMIT = 20.0   # |log ratio| clamp before exp (see the module docstring)
 
 
 def group_advantages(rewards, group_size: int, norm: str = "std", eps: float = 1e-4) -> np.ndarray:
@@ -102,14 +107,14 @@ def grpo_loss(logp: paddle.Tensor, old_logp, ref_logp, advantages, mask, epsilon
     if adv.shape[0] != logp.shape[0]:
         raise ValueError(f"{adv.shape[0]} advantages for {logp.shape[0]} completions")
 
-    ratio = paddle.exp(logp - old)
+    ratio = paddle.exp(paddle.clip(logp - old, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     unclipped = ratio * adv
     clipped = paddle.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv
     surrogate = -paddle.minimum(unclipped, clipped)
     per_token = surrogate
     kl = None
     if ref_logp is not None:  # also computed with beta = 0, so the drift from the reference is logged
-        delta = _as_tensor(ref_logp, logp).detach() - logp
+        delta = paddle.clip(_as_tensor(ref_logp, logp).detach() - logp, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
         kl = paddle.exp(delta) - delta - 1.0
     if beta != 0.0:
         if kl is None:

@@ -36,6 +36,10 @@ from ppiad.utils import distributed
 from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything
 
 
+class TrainingDiverged(RuntimeError):
+    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient."""
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
@@ -314,10 +318,13 @@ class GRPOTrainer:
             for k, v in st.items():
                 agg[k] = agg.get(k, 0.0) + (v if k == "loss" else v / len(buffer))
         grad_norm = self._grad_norm()
-        self.optimizer.step()
+        finite = self._all_ranks(math.isfinite(agg.get("loss", 0.0)) and math.isfinite(grad_norm))
+        if finite:  # else: skip the update (the schedule still advances with the step count)
+            self.optimizer.step()
         self.optimizer.clear_grad()
         self.scheduler.step()
         agg["grad_norm"] = grad_norm
+        agg["skipped"] = 0.0 if finite else 1.0
         agg["seconds_update"] = time.perf_counter() - t0
         return agg
 
@@ -356,6 +363,9 @@ class GRPOTrainer:
         self.env = distributed.init(cfg.distributed.sharding)
         self.bf16 = _bf16_on_gpu(cfg)
         check_rollout_sampling(cfg.grpo)
+        if cfg.train.max_bad_steps < 1:
+            raise ConfigError(f"config key 'train.max_bad_steps' must be >= 1, got {cfg.train.max_bad_steps}")
+        self.skipped_steps, self.bad_streak = 0, 0
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
         self.samples = self._load_samples()
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
@@ -423,7 +433,12 @@ class GRPOTrainer:
         self.log.info(f"resumed from {path} at step {state.step}")
 
     def _save(self, step: int, metrics: dict) -> str:
-        from ppiad.models.lora import save_adapter
+        from ppiad.models.lora import lora_state_dict, save_adapter
+
+        bad = [n for n, t in lora_state_dict(self.core).items() if not bool(paddle.isfinite(t).all())]
+        if bad:  # checked on every rank before any file is written (save_adapter checks again)
+            raise FloatingPointError(f"not saving the step-{step} checkpoint: {len(bad)} adapter tensor(s) hold "
+                                     f"NaN or inf values, e.g. {bad[0]}")
 
         path = ckpt.save_checkpoint(
             self.run_dir, step, trainable_state=lambda d: save_adapter(self.core, d), optimizer=self.optimizer,
@@ -433,6 +448,31 @@ class GRPOTrainer:
             barrier=lambda: distributed.barrier(self.env))
         self.log.info(f"checkpoint {path}")
         return path
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank (they must take the same branch)."""
+        if self.env.enabled:
+            t = paddle.to_tensor([1.0 if ok else 0.0])
+            paddle.distributed.all_reduce(t, op=paddle.distributed.ReduceOp.MIN)
+            ok = bool(float(t) > 0)
+        return ok
+
+    def _check_bad_step(self, step: int, upd: dict) -> str:
+        """Count a skipped (non-finite) step; after train.max_bad_steps in a row, the message to stop with."""
+        if not upd.pop("skipped"):
+            self.bad_streak = 0
+            return ""
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        self.log.info(f"step {step}: loss {upd.get('loss')} / gradient norm {upd.get('grad_norm')} not finite: "
+                      f"update skipped ({self.bad_streak} in a row, {self.skipped_steps} in this run)")
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_streak < limit:
+            return ""
+        return (f"training stopped at step {step}: {self.bad_streak} steps in a row had a NaN/inf loss or gradient "
+                f"(train.max_bad_steps={limit}); nothing was saved from them, the last checkpoint in "
+                f"{os.path.join(self.run_dir, ckpt.CHECKPOINTS)} is intact. Lower train.learning_rate, or check "
+                f"the data and model.dtype")
 
     def _stop_requested(self, stop) -> bool:
         flag = bool(stop is not None and stop.requested)
@@ -466,10 +506,15 @@ class GRPOTrainer:
                 lr = self.optimizer.get_lr()
                 upd = self._update(buffer)
                 step += 1
-                metrics = {**roll_stats, **upd, "lr": lr, "seconds_per_step": time.perf_counter() - t0}
+                diverged = self._check_bad_step(step, upd)
+                metrics = {**roll_stats, **upd, "lr": lr, "skipped_steps": self.skipped_steps,
+                           "seconds_per_step": time.perf_counter() - t0}
                 metrics = distributed.all_reduce_mean(metrics, self.env)
-                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                if step % cfg.train.log_every == 0 or step == self.total_steps or diverged:
                     self.log.scalars(step, metrics)
+                if diverged:
+                    self.log.close()
+                    raise TrainingDiverged(diverged)
                 self.log.advance(1, {"loss": metrics["loss"], "reward": metrics.get("reward/total", float("nan"))})
                 at_block_end = step % k == 0
                 stop_now = self._stop_requested(stop)
