@@ -230,28 +230,54 @@ def _seeded(seed: Optional[int]) -> Iterator[None]:
         paddle.set_rng_state(state)
 
 
+def sampling_scores(logits: paddle.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> paddle.Tensor:
+    """The scores sampling draws from: float32 [N, V] from float32 logits [N, V], removed tokens at -inf
+    (`sampling_probs` of the result = the sampling distribution).
+
+    The filters run in the order transformers' `generate` builds its warpers (4.51,
+    `GenerationMixin._get_logits_processor`): temperature (logits / T), top-k (keep the k highest), top-p
+    (sort ascending, drop tokens whose cumulative probability is <= 1 - top_p), min-p (drop tokens less likely
+    than min_p x the most likely one, on the distribution left by top-p); each keeps at least the top token.
+    The order matters: with probabilities [0.5, 0.2, 0.2, 0.1], top_p 0.75 and min_p 0.25 this keeps
+    [0.56, 0.22, 0.22, 0] (top-p first), min-p first would keep [0.71, 0.29, 0, 0]. Off: temperature 1,
+    top_k 0, top_p 1, min_p 0. tests/test_sampling.py checks it against transformers' own warpers.
+    """
+    neg = -float("inf")
+    scores = logits / temperature if temperature != 1.0 else logits
+    vocab = scores.shape[-1]
+    if top_k and 0 < top_k < vocab:
+        kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
+        scores = paddle.where(scores < kth, paddle.full_like(scores, neg), scores)
+    if top_p < 1.0:
+        order = paddle.argsort(scores, axis=-1)                                   # ascending
+        ascending = paddle.take_along_axis(scores, order, axis=-1)
+        cumulative = paddle.cumsum(F.softmax(ascending, axis=-1), axis=-1)
+        drop = (cumulative <= 1.0 - top_p).astype("float32")
+        drop[:, -1] = 0.0                                                         # keep the top token
+        drop = paddle.put_along_axis(paddle.zeros_like(drop), order, drop, axis=-1) > 0.5
+        scores = paddle.where(drop, paddle.full_like(scores, neg), scores)
+    if min_p > 0.0:
+        # p < min_p * p_max  <=>  score < max_score + log(min_p): no softmax needed
+        floor = paddle.max(scores, axis=-1, keepdim=True) + float(np.log(min_p))
+        scores = paddle.where(scores < floor, paddle.full_like(scores, neg), scores)
+    return scores
+
+
 def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
           min_p: float = 0.0) -> paddle.Tensor:
-    """Next token per row from float32 logits [N, V]."""
+    """Next token per row from float32 logits [N, V]: argmax, or a draw from `sampling_scores`."""
     if not do_sample:
         return paddle.argmax(logits, axis=-1)
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_k and top_k > 0 and top_k < scores.shape[-1]:
-        kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
-        scores = paddle.where(scores < kth, paddle.full_like(scores, -float("inf")), scores)
-    if min_p > 0.0:
-        # min-p: drop tokens less likely than min_p x the top token's probability. In log space that is
-        # score < max_score + log(min_p), so no softmax is needed.
-        floor = paddle.max(scores, axis=-1, keepdim=True) + float(np.log(min_p))
-        scores = paddle.where(scores < floor, paddle.full_like(scores, -float("inf")), scores)
-    if top_p < 1.0:
-        sorted_scores, order = paddle.topk(scores, scores.shape[-1], axis=-1)  # descending
-        probs = F.softmax(sorted_scores, axis=-1)
-        drop = (paddle.cumsum(probs, axis=-1) - probs) > top_p  # keeps at least the top token
-        sorted_scores = paddle.where(drop, paddle.full_like(sorted_scores, -float("inf")), sorted_scores)
-        choice = paddle.multinomial(F.softmax(sorted_scores, axis=-1), 1)
-        return paddle.take_along_axis(order, choice, axis=-1)[:, 0]
-    return paddle.multinomial(F.softmax(scores, axis=-1), 1)[:, 0]
+    return paddle.multinomial(sampling_probs(sampling_scores(logits, temperature, top_k, top_p, min_p)), 1)[:, 0]
+
+
+def sampling_probs(scores: paddle.Tensor) -> paddle.Tensor:
+    """softmax over the last axis with exact zeros at -inf (Paddle's CPU softmax and exp leave 1e-28 / 1e-39
+    there, so a removed token could still be drawn)."""
+    e = paddle.exp(scores - paddle.max(scores, axis=-1, keepdim=True))
+    e = paddle.where(paddle.isinf(scores), paddle.zeros_like(e), e)
+    return e / e.sum(axis=-1, keepdim=True)
 
 
 def _banned_ids(model) -> paddle.Tensor:
