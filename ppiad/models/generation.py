@@ -37,6 +37,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ppiad.utils.seed import seeded
+
 ANSWER_OPEN = "<answer"
 
 
@@ -216,18 +218,7 @@ def _eval_mode(model) -> Iterator[None]:
             model.train()
 
 
-@contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
-    """A fixed seed for this call only: the global RNG state is put back afterwards."""
-    if seed is None:
-        yield
-        return
-    state = paddle.get_rng_state()
-    paddle.seed(seed)
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(state)
+_seeded = seeded   # a fixed Paddle seed for one call (ppiad.utils.seed.seeded)
 
 
 def sampling_scores(logits: paddle.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -439,8 +430,13 @@ def _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, r
 # Teacher-forced log-probs (GRPO update and reference policy)
 # ---------------------------------------------------------------------------------------------------------
 def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completion_mask: paddle.Tensor,
-                        num_samples: int, image_embeds: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+                        num_samples: int, image_embeds: Optional[paddle.Tensor] = None,
+                        temperature: float = 1.0) -> paddle.Tensor:
     """log p(sequences[r, j] | prompt, sequences[r, :j]) for every row, [N, T] float32, 0 where the mask is 0.
+
+    temperature T: the log-probs of the distribution softmax(logits / T), the one rollouts sampled from at T
+    (TRL's GRPO divides the logits by its sampling temperature the same way for the policy, old and reference
+    log-probs); T = 1 gives the model's own distribution. ValueError if T <= 0.
 
     The prompt is computed once per prompt, not once per completion: a forward over the B prompts
     (`use_cache=True`) gives the KV cache and the logits of the last prompt position (they predict
@@ -451,6 +447,8 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     current train/eval mode (LoRA dropout on the prompt is then shared by its G rows): call it under
     `adapters_disabled(model)` for the reference policy.
     """
+    if temperature <= 0:
+        raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
     core = _core(model)
     input_ids = inputs["input_ids"]
     attention_mask = inputs.get("attention_mask")
@@ -484,6 +482,8 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     out = model(input_ids=sequences.astype(input_ids.dtype), attention_mask=mask, position_ids=pos,
                 past_key_values=cache, use_cache=False)
     logits = paddle.concat([first, out.logits[:, :t - 1, :]], axis=1).astype("float32")   # [N, T, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     chosen = paddle.take_along_axis(logits, sequences.astype("int64").unsqueeze(-1), axis=-1)[..., 0]
     logp = chosen - paddle.logsumexp(logits, axis=-1)
     return logp * completion_mask.astype("float32")

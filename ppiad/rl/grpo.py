@@ -95,7 +95,8 @@ def grpo_loss(logp: paddle.Tensor, old_logp, ref_logp, advantages, mask, epsilon
         token count instead of the mask's own sum, so gradient accumulation over micro-batches can average
         over every completion token of the optimizer step.
     stats: loss, kl (mean per token), clip_fraction (share of tokens where the clipped term is the active
-        one), ratio (mean per token), surrogate (mean per token).
+        one), ratio (mean per token), max_abs_log_ratio (largest |logp - old_logp| over completion tokens;
+        exactly 0 at the first update of a rollout batch), surrogate (mean per token).
     """
     if averaging not in AVERAGING:
         raise ValueError(f"grpo.loss_averaging must be one of {AVERAGING}, got {averaging!r}")
@@ -139,6 +140,7 @@ def grpo_loss(logp: paddle.Tensor, old_logp, ref_logp, advantages, mask, epsilon
             "kl": float((kl * mask).sum()) / tok if kl is not None else 0.0,
             "clip_fraction": float((is_clipped * mask).sum()) / tok,
             "ratio": float((ratio * mask).sum()) / tok,
+            "max_abs_log_ratio": float(((logp - old).abs() * mask).max()) if logp.size else 0.0,
             "surrogate": float((surrogate * mask).sum()) / tok,
         }
     return loss, stats

@@ -5,7 +5,8 @@ One optimizer step, on every process (rank) with its own share of the prompts:
    prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`),
    group advantages with the focal weights on their correctness part (`grpo.weighted_advantages`), the reference
    log-probs (same network, adapters disabled, no gradient);
-2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on),
+2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on with
+   masks seeded per micro-batch, logits / grpo.temperature as in the rollout),
    `grpo.grpo_loss`, backward; token averaging divides by the completion tokens of the whole step, so the
    accumulated gradient equals that of one big batch (sequence averaging divides by grad_accum_steps);
 3. gradient clip, AdamW on the LoRA parameters only, learning-rate schedule step.
@@ -33,7 +34,7 @@ import paddle
 from ppiad.config import Config, ConfigError, require, save_config
 from ppiad.rl import checkpoint as ckpt
 from ppiad.utils import distributed
-from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything
+from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything, seeded
 
 
 class TrainingDiverged(RuntimeError):
@@ -269,7 +270,18 @@ class GRPOTrainer:
             core.eval()
             with paddle.no_grad(), adapters_disabled(core), self._autocast():
                 ref = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
-                                          image_embeds=shared_embeds).detach()
+                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
+        # The update's LoRA dropout masks are drawn from this seed for each of the block's k updates, so the
+        # ratio measures the change of the parameters only. With k > 1 the old log-probs are recomputed in the
+        # update's own mode, masks and temperature (the rollout ran without dropout): ratio == 1 exactly at
+        # the block's first update. With k = 1 the loss uses logp.detach(), also exactly 1.
+        dropout_seed = derive_seed(cfg.seed, "dropout", step, micro, self.env.rank)
+        old = None
+        if g.num_iterations > 1:
+            core.train()
+            with paddle.no_grad(), seeded(dropout_seed), self._autocast():
+                old = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
+                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
         t2 = time.perf_counter()
         groups = np.asarray(total).reshape(-1, g.num_generations)
         stats = {
@@ -284,7 +296,7 @@ class GRPOTrainer:
             stats[f"reward/{name}"] = float(np.mean(values))
         stats.update(answer_p_by_class(token_p, batch, g.num_generations))
         return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
-                "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
+                "old_logp": old, "ref_logp": ref, "dropout_seed": dropout_seed,
                 "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
                 "seconds_rollout": t1 - t0, "seconds_reference": t2 - t1}
 
@@ -305,9 +317,10 @@ class GRPOTrainer:
             defer = not last and hasattr(self.wrapped, "no_sync")
             sync = self.wrapped.no_sync() if defer else contextlib.nullcontext()
             with sync:
-                with self._autocast():
+                with self._autocast(), seeded(mb["dropout_seed"]):
                     logp = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"], mb["mask"],
-                                               g.num_generations, image_embeds=mb["image_embeds"])
+                                               g.num_generations, image_embeds=mb["image_embeds"],
+                                               temperature=g.temperature)
                 loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"],
                                      epsilon=g.epsilon, beta=g.beta, averaging=g.loss_averaging,
                                      normalizer=max(n_tokens, 1.0) if token_avg else None)
