@@ -102,3 +102,24 @@ def test_weighted_part_with_token_p_scales_each_row_by_its_own_weight():
                                [1 + 0.75 * 1, -0.25 * 2, -0.25 * 3, -1 - 0.25 * 4], rtol=1e-6)
     with pytest.raises(ValueError, match="weighted-part"):
         weighted_advantages(r, u, 4, weighted_part=[1, 0])
+
+
+def test_correct_answers_never_get_a_negative_advantage():
+    # every group of 4 over {A, B, m}, both classes, both p sources: a correct row's two shares are >= 0
+    import itertools
+
+    f = class_factors(VISA_COUNTS)
+    for label in ("defect", "normal"):
+        right = "A" if label == "defect" else "B"
+        sample = Sample("/img.png", "cap", "cap", label, "good" if label == "normal" else "crack", "train")
+        for letters in itertools.product("ABm", repeat=4):
+            for p_source in ("group", "token"):
+                cfg = defaults()
+                cfg.rewards["focal"].update(mode="advantage_weight", p_source=p_source)
+                token_p = [0.9, 0.2, 0.6, 0.05]
+                sc = compute_rewards(cfg.rewards, [TEXT[c] for c in letters], [sample], 4, token_p=token_p,
+                                     class_factors=f)
+                adv = weighted_advantages(sc.total, sc.advantage_weights, 4, "std", 1e-4,
+                                          weighted_part=sc.weighted_part)
+                correct = np.array([c == right for c in letters])
+                assert (adv[correct] >= 0).all(), (label, letters, p_source, adv)
