@@ -9,8 +9,6 @@ reported on its own line and the folder goes on. Exit code 0 on success, 2 on ba
 """
 from __future__ import annotations
 
-import _path  # noqa: F401  (puts the repository on sys.path)
-
 import warnings
 
 # Paddle warns about a missing C++ compiler cache on import; it concerns extension builds, not this tool.

@@ -15,8 +15,6 @@ import logging
 import sys
 import time
 
-import _path  # noqa: F401  (makes ppiad importable from a checkout)
-
 from ppiad.data.registry import MISSING_FILE_MODES, SPLITS, load_dataset
 from ppiad.data.stats import count_missing, dataset_stats, format_stats
 from ppiad.data.synthetic import CATEGORIES, SyntheticError, generate_synthetic
@@ -44,7 +42,7 @@ def cmd_stats(args) -> None:
         print(format_stats(stats, count_missing(samples) if args.missing_files == "keep" else None))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -71,7 +69,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     with user_errors():
         args.func(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

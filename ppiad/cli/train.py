@@ -13,8 +13,6 @@ Exit code 0 on success, 2 on bad input with a one-line reason.
 """
 from __future__ import annotations
 
-import _path  # noqa: F401  (puts the repository on sys.path)
-
 import argparse
 import json
 import os

@@ -10,8 +10,6 @@ prints the figures and where everything is. Re-running continues where a previou
 """
 from __future__ import annotations
 
-import _path  # noqa: F401  (puts the repository on sys.path)
-
 import warnings
 
 warnings.filterwarnings("ignore", message="No ccache found")
