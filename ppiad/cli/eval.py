@@ -23,12 +23,13 @@ import os
 import sys
 
 from ppiad.config import ConfigError, require, save_config
-from ppiad.utils.cli import UsageError, add_config_args, config_from_args, user_errors
+from ppiad.utils.cli import UsageError, add_config_args, add_model_args, config_from_args, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
+    add_model_args(p)
     p.add_argument("--compare", nargs="+", metavar="NAME=DIR",
                    help="write a Table III / V-VI comparison of finished eval runs to <output_dir>/comparison.md")
     p.add_argument("--calibrate", action="store_true",
@@ -138,9 +139,7 @@ def main(argv=None, predictor_factory=None) -> int:
     with user_errors():
         if args.compare:
             return compare(args)
-        if not args.config:
-            raise UsageError("-c/--config is required (or --compare NAME=DIR ... to compare finished runs)")
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, default_model=True)
         return run(args, cfg, predictor_factory or _default_predictor)
 
 

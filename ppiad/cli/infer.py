@@ -3,6 +3,8 @@
     python tools/infer.py -c configs/demo.yaml --image part.png --object "metal washer"
     python tools/infer.py -c configs/demo.yaml --image_dir data/washer/test/scratch --object washer --json
     python tools/infer.py -c configs/demo.yaml --image_dir incoming/ --save_vis vis/
+    python tools/infer.py --model models/Qwen2-VL-7B-Instruct --adapter output/run/checkpoints/latest --image x.png
+    python tools/infer.py --image part.png     (after `make demo`: the demo's trained model)
 
 In a folder, files without an image extension are skipped (and counted); an image that cannot be read is
 reported on its own line and the folder goes on. Exit code 0 on success, 2 on bad input (one-line reason).
@@ -21,17 +23,19 @@ import sys
 
 from ppiad.data.images import is_image_file
 from ppiad.eval.runner import try_load
-from ppiad.utils.cli import UsageError, add_config_args, config_from_args, user_errors
+from ppiad.prompt import default_object, object_phrase
+from ppiad.utils.cli import UsageError, add_config_args, add_model_args, config_from_args, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
+    add_config_args(p, required=False)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image file")
     src.add_argument("--image_dir", help="a folder of images (not recursive)")
     p.add_argument("--object", help="object name for the prompt, e.g. 'pill' (default for --image_dir: the "
-                                    "folder name)")
+                                    "folder name; for --image: the config's one eval category, else 'product')")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     p.add_argument("--save_vis", metavar="DIR", help="write each image with its verdict and reasoning as PNG")
     p.add_argument("--batch_size", type=int, default=None, help="images per batch (default: eval.batch_size)")
@@ -39,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _object_name(cfg, name: str) -> str:
-    names = cfg.data.object_names or {}
-    return str(names.get(name, name.replace("_", " ")))
+    return object_phrase(name, cfg.data.object_names)
 
 
 def _list_folder(folder: str) -> tuple[list[str], list[str]]:
@@ -105,8 +108,6 @@ def _default_predictor(cfg):
 def run(args, cfg, predictor_factory) -> int:
     single = args.image is not None
     if single:
-        if not args.object:
-            raise UsageError("--object is required with --image (the object name used in the prompt)")
         if not os.path.isfile(args.image):
             raise UsageError(f"--image '{args.image}' is not a file" if os.path.exists(args.image)
                              else f"--image '{args.image}' does not exist")
@@ -114,7 +115,11 @@ def run(args, cfg, predictor_factory) -> int:
         if err:
             raise UsageError(err)
         paths, skipped = [args.image], []
-        obj = _object_name(cfg, args.object)
+        if args.object:
+            obj = _object_name(cfg, args.object)
+        else:
+            obj = default_object(cfg.data.eval.categories, cfg.data.object_names)
+            print(f"note: no --object given: the prompt names the object '{obj}'", file=sys.stderr)
     else:
         paths, skipped = _list_folder(args.image_dir)
         obj = _object_name(cfg, args.object or os.path.basename(os.path.normpath(args.image_dir)))
@@ -176,7 +181,7 @@ def run(args, cfg, predictor_factory) -> int:
 def main(argv=None, predictor_factory=None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors():
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, default_model=True)
         return run(args, cfg, predictor_factory or _default_predictor)
 
 
