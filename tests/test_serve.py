@@ -182,6 +182,13 @@ def _summary_with(page, text, timeout=120_000):
     return page.inner_text("#summary")
 
 
+def _wait_uploaded(page, *names):
+    """Until the upload box lists every file (Gradio may split a name and its extension over two elements)."""
+    page.wait_for_function("names => { const e = document.querySelector('#images'); if (!e) return false;"
+                           " const t = e.innerText.replace(/\\s/g, ''); return names.every(n => t.includes(n)); }",
+                           arg=list(names), timeout=60_000)
+
+
 def _set_threshold(page, value):
     box = page.locator("#threshold input[type=number]")
     box.fill(str(value))
@@ -195,7 +202,7 @@ def test_page_upload_verdict_threshold_csv(server, browser, tmp_path):
     page.goto(server["url"] + "/")
     page.wait_for_selector("#inspect", timeout=60_000)
     page.locator("#images input[type=file]").set_input_files([server["good"]])
-    page.wait_for_selector("#images >> text=part.png", timeout=60_000)
+    _wait_uploaded(page, "part.png")
     page.click("#inspect")
     text = _summary_with(page, "Verdict:")
     assert f"Verdict: {api['verdict'].upper()}" in text
@@ -217,6 +224,10 @@ def test_page_upload_verdict_threshold_csv(server, browser, tmp_path):
 
     _set_threshold(page, 0.5)
     _summary_with(page, "0.50 (threshold)")
+    page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#gallery img')];"
+                           " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+                           timeout=60_000)
+    page.wait_for_timeout(500)  # let the re-rendered gallery settle before the screenshot
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).size[0] >= 1400
@@ -232,7 +243,7 @@ def test_page_reports_bad_files_and_reads_a_server_folder(server, browser, tmp_p
     page.goto(server["url"] + "/")
     page.wait_for_selector("#inspect", timeout=60_000)
     page.locator("#images input[type=file]").set_input_files([server["good"], str(bad)])
-    page.wait_for_selector("#images >> text=broken", timeout=60_000)  # name and extension are split
+    _wait_uploaded(page, "part.png", "broken.png")
     page.click("#inspect")
     text = _summary_with(page, "2 images:")
     assert "1 not inspected" in text and "'broken.png': not a recognised image format" in text

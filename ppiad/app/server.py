@@ -197,7 +197,7 @@ def build_page(page: Page):
                 summary = gr.Markdown(elem_id="summary")
                 table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True,
                                      elem_id="results", label="Results, by P(defect)")
-                gallery = gr.Gallery(label="Drawn verdicts, by P(defect)", columns=2, height="auto",
+                gallery = gr.Gallery(label="Drawn verdicts, by P(defect) (click to enlarge)", columns=3, object_fit="contain",
                                      elem_id="gallery")
                 csv_file = gr.File(label="Results as CSV", elem_id="csv", interactive=False)
         button.click(_guard(page.run, 5), [files, folder, obj, threshold], [state, summary, table, gallery, csv_file])
