@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 # At module level: FastAPI resolves the endpoint's (string) annotations in this module's namespace.
 from fastapi import UploadFile
 
+# No usage reporting to Gradio's servers from an inspection station (a user's setting is kept).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 from ppiad.app.inspection import (InputError, Inspection, Inspector, check_threshold, read_image_file, read_upload,
                                   results_csv)
 
