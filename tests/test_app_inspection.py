@@ -130,12 +130,14 @@ def test_page_callbacks_without_a_browser(tmp_path):
     state, summary, table, gallery, csv_path = page.run(None, str(folder), "", 0.5)
     assert "3 images: 1 defect, 1 normal, 1 not inspected" in summary and "1 non-image entries" in summary
     assert [row[0] for row in table] == ["dark.png", "light.png", "broken.png"]  # by P(defect), errors last
-    assert state[0][0].object == "metal washer"  # the folder's name, through data.object_names
+    assert state["items"][0][0].object == "metal washer"  # the folder's name, through data.object_names
     assert len(gallery) == 2 and os.path.isfile(csv_path)
     # Live threshold: the same results re-decided, no model call.
     calls = page.inspector.predictor.calls
-    summary, table, _, _ = page.render(state, 0.01)
+    summary, table, _, csv_again = page.render(state, 0.01)
     assert "2 defect, 0 normal" in summary and page.inspector.predictor.calls == calls
+    assert "1 non-image entries" in summary  # what the run found is still said
+    assert csv_again == csv_path and "light.png,metal washer,defect,0.058824,0.01," in open(csv_path).read()
     # Messages, not exceptions, for what the user can fix.
     assert "nothing to inspect" in page.run([], "", "", 0.5)[1]
     assert "outside the folder" in page.run(None, "/", "", 0.5)[1]

@@ -12,10 +12,14 @@ Requests queue on the model (a lock in `Inspector`, and Gradio's queue with one 
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
+
+from PIL import Image
 
 # At module level: FastAPI resolves the endpoint's (string) annotations in this module's namespace.
 from fastapi import UploadFile
@@ -25,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from ppiad.app.inspection import (InputError, Inspection, Inspector, check_threshold, read_image_file, read_upload,
                                   results_csv)
+from ppiad.utils.io import atomic_path
 
 GALLERY_MAX = 60  # drawn verdict images shown at once (the table and the CSV hold every image)
 THUMB_SIDE = 448  # the side ppiad.vis.draw scales images to
@@ -80,7 +85,9 @@ class Page:
         self.work_dir = work_dir
 
     def run(self, files, folder, typed_object, threshold):
-        """Inspect uploads or a server folder -> (state, summary, table, gallery, csv path)."""
+        """Inspect uploads or a server folder -> (state, summary, table, gallery, csv path).
+
+        The state holds each result with a thumbnail, so `render` can re-decide at another threshold."""
         threshold = check_threshold(threshold)
         files = [f for f in (files or []) if f]
         folder = (folder or "").strip()
@@ -98,47 +105,54 @@ class Page:
             else:
                 raise InputError("nothing to inspect: upload images or name a folder on the server")
         except InputError as exc:
-            return [], f"**{exc}**", _table([], threshold), [], None
+            return None, f"**{exc}**", _table([], threshold), [], None
         obj = _object(typed_object, fallback, self.info.object_names)
-        results, thumbs = self._inspect(paths, obj)
-        state = [(r, t) for r, t in zip(results, thumbs)]
-        return (state, *self.render(state, threshold, skipped))
+        state = {"run": uuid.uuid4().hex[:12], "items": self._inspect(paths, obj), "skipped": skipped}
+        return (state, *self.render(state, threshold))
 
-    def _inspect(self, paths: list[str], obj: str) -> tuple[list[Inspection], list]:
-        loaded, results = {}, {}
-        for p in paths:
-            try:
-                loaded[p] = read_image_file(p, self.inspector.max_bytes)
-            except InputError as exc:
-                results[p] = Inspection(name=os.path.basename(p), object=obj, error=str(exc))
-        ok = [p for p in paths if p in loaded]
-        for p, r in zip(ok, self.inspector.inspect([loaded[p] for p in ok], [os.path.basename(p) for p in ok], obj)):
-            results[p] = r
-        thumbs = []
-        for p in paths:
-            img = loaded.get(p)
-            if img is not None:
-                img = img.copy()
-                img.thumbnail((THUMB_SIDE, THUMB_SIDE))
-            thumbs.append(img)
-        return [results[p] for p in paths], thumbs
+    def _inspect(self, paths: list[str], obj: str) -> list[tuple[Inspection, Image.Image | None]]:
+        """(result, thumbnail) per path, in order; one model batch of images in memory at a time."""
+        items = []
+        step = self.inspector.batch_size
+        for start in range(0, len(paths), step):
+            chunk = paths[start:start + step]
+            loaded, errors = {}, {}
+            for p in chunk:
+                try:
+                    loaded[p] = read_image_file(p, self.inspector.max_bytes)
+                except InputError as exc:
+                    errors[p] = Inspection(name=os.path.basename(p), object=obj, error=str(exc))
+            ok = [p for p in chunk if p in loaded]
+            results = dict(zip(ok, self.inspector.inspect([loaded[p] for p in ok],
+                                                          [os.path.basename(p) for p in ok], obj)))
+            for p in chunk:
+                thumb = None
+                if p in loaded:
+                    thumb = loaded.pop(p)
+                    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                items.append((results.get(p) or errors[p], thumb))
+        return items
 
-    def render(self, state, threshold, skipped: int = 0):
+    def render(self, state, threshold):
         """(summary, table, gallery, csv path) of inspected results at `threshold`: the live re-decision."""
         from ppiad.vis.draw import render_verdict
 
         threshold = check_threshold(threshold)
-        results = [r for r, _ in state]
-        if not results:
+        if not state or not state.get("items"):
             return "", _table([], threshold), [], None
-        ranked = sorted(state, key=lambda rt: (rt[0].error is not None, -(rt[0].p_defect or 0.0)))
+        items = state["items"]
+        ranked = sorted(items, key=lambda rt: (rt[0].error is not None, -(rt[0].p_defect or 0.0)))
         gallery = [(render_verdict(t, r.verdict(threshold), r.p_defect, r.reasoning, title=f"{r.name} ({r.object})"),
                     f"{r.name}: {r.verdict(threshold)}" + ("" if r.p_defect is None else f", P(defect) {r.p_defect:.3f}"))
                    for r, t in ranked if t is not None][:GALLERY_MAX]
-        csv_path = os.path.join(self.work_dir, f"ppiad_inspection_{uuid.uuid4().hex[:8]}.csv")
-        with open(csv_path, "w", encoding="utf-8", newline="") as f:
-            f.write(results_csv([r for r, _ in ranked], threshold))
-        return _summary(results, threshold, skipped), _table([r for r, _ in ranked], threshold), gallery, csv_path
+        # One CSV per inspection run, rewritten at each threshold (Gradio serves a copy of its current content).
+        csv_path = os.path.join(self.work_dir, f"ppiad_inspection_{state['run']}.csv")
+        with atomic_path(csv_path) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(results_csv([r for r, _ in ranked], threshold))
+        results = [r for r, _ in items]
+        return (_summary(results, threshold, state.get("skipped", 0)), _table([r for r, _ in ranked], threshold),
+                gallery, csv_path)
 
 
 def _path_of(f) -> str:
@@ -231,7 +245,9 @@ def build_app(inspector: Inspector, info: AppInfo, work_dir: str | None = None):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    work_dir = work_dir or tempfile.mkdtemp(prefix="ppiad_serve_")
+    if work_dir is None:  # the page's CSV files; removed when the server process ends
+        work_dir = tempfile.mkdtemp(prefix="ppiad_serve_")
+        atexit.register(shutil.rmtree, work_dir, True)
     app = FastAPI(title="ppiad inspection API")
 
     @app.get("/api/health")
