@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base Qwen2-VL and write one Hugging Face-format checkpoint.
+r"""Merge a LoRA adapter into its base Qwen2-VL and write one Hugging Face-format checkpoint.
 
     python tools/export.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/checkpoints/latest \
         --output exported/lriad-qwen2-vl-7b

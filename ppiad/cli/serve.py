@@ -1,4 +1,4 @@
-"""The inspection web app and its JSON API on one server, over one loaded model.
+r"""The inspection web app and its JSON API on one server, over one loaded model.
 
     python tools/serve.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/checkpoints/latest
     python tools/serve.py --model models/Qwen2-VL-7B-Instruct --adapter ckpt/step_000100 \
