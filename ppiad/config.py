@@ -43,6 +43,13 @@ def _partition(dataset: str, help_prefix: str) -> dict:
         "missing_files": Field("keep", str, f"{help_prefix}: index rows whose image is missing on disk (VisA): "
                                "keep = listed and reported unreadable, drop = left out, error = stop",
                                ("keep", "drop", "error")),
+        "bit_depth": Field("auto", str, f"{help_prefix}: bits of data in 16-bit image files without a PNG sBIT "
+                           "chunk (industrial cameras write 10/12-bit data in 16-bit files); auto = 16",
+                           ("auto", "8", "10", "12", "14", "16")),
+        "normal_dirs": Field(["good"], list, f"{help_prefix}: folder datasets: sub-directories of a category "
+                             "that hold normal images", item_type=str),
+        "exclude_dirs": Field([], list, f"{help_prefix}: folder datasets: sub-directories of a category to skip "
+                              "(mask folders such as ground_truth are skipped anyway)", item_type=str),
     }
 
 
@@ -222,6 +229,8 @@ def _coerce(key: str, field: Field, value: Any) -> Any:
     elif t is str:
         if value is None:
             value = ""
+        if isinstance(value, int) and not isinstance(value, bool) and field.choices and str(value) in field.choices:
+            value = str(value)   # YAML reads `bit_depth: 12` as a number
         if not isinstance(value, str):
             raise fail("a string")
     elif t is list:

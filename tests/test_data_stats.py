@@ -25,7 +25,7 @@ def test_stats_helpers():
     st = dataset_stats(s, "mvtec", "all")
     assert st == {"dataset": "mvtec", "split": "all",
                   "categories": {"a": {"normal": 2, "defect": 0}, "b": {"normal": 1, "defect": 1}},
-                  "total": {"normal": 3, "defect": 1, "defect_ratio": 0.25}}
+                  "total": {"normal": 3, "defect": 1, "defect_ratio": 0.25}, "defect_types": {"b": ["x"]}}
     assert list(st["categories"]) == ["a", "b"]
     table = format_stats(st, missing=2)
     assert "Total" in table and "25.0%" in table and "2 listed image(s) are missing" in table
@@ -44,7 +44,8 @@ def test_stats_cli_mvtec(tmp_path):
     data = json.loads(out.stdout)
     assert data == {"dataset": "mvtec", "split": "all",
                     "categories": {"cable": {"normal": 5, "defect": 1}, "tile": {"normal": 0, "defect": 1}},
-                    "total": {"normal": 5, "defect": 2, "defect_ratio": 2 / 7}}
+                    "total": {"normal": 5, "defect": 2, "defect_ratio": 2 / 7},
+                    "defect_types": {"cable": ["cut"], "tile": ["crack"]}}
     test = json.loads(run("stats", "--dataset", "mvtec", "--root", str(r), "--split", "test", "--json").stdout)
     assert test["total"]["normal"] == 1 and test["split"] == "test"
     table = run("stats", "--dataset", "mvtec", "--root", str(r))

@@ -49,7 +49,7 @@ def test_eval_tool_subprocess_writes_report(setup):
     base, cfg = setup
     proc = _tool(["tools/eval.py", "-c", cfg, "--calibrate", "--no_progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = base / "output" / "e2e" / "eval_mvtec_all"  # the default output directory
+    out = base / "output" / "e2e" / "eval_mvtec_all_tiny_base"  # the default output directory
     recs = read_jsonl(str(out / "predictions.jsonl"))
     assert len(recs) == N_IMAGES and all(r["error"] is None for r in recs)
     assert all(0.0 <= r["score"] <= 1.0 for r in recs)  # every image has P(A), even with invalid answers

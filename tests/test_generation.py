@@ -376,10 +376,10 @@ def test_decision_position_with_the_real_qwen2_tokenizer():
     assert answer.merged_ids == (tok.token_to_id(">A"), tok.token_to_id(">B"))
     ids = tok.encode("<think>a scratch</think> <answer>A</answer>")
     step, pair = answer.find_decision(ids)
-    assert pair == 1 and ids[step] == tok.token_to_id(">A")
+    assert answer.pairs[pair] == answer.merged_ids and ids[step] == tok.token_to_id(">A")
     # the same text emitted with ">" and "B" as separate tokens: decision at "B", split pair
     split = ids[:step] + [tok.token_to_id(">"), tok.token_to_id("B")]
-    assert answer.find_decision(split) == (step + 1, 0)
+    assert answer.find_decision(split) == (step + 1, answer.letter_pairs[tok.token_to_id("A")])
     # two answer blocks: the last one counts; none: None
     two = ids + tok.encode(" <answer>B</answer>")
     assert answer.find_decision(two)[0] > step

@@ -3,12 +3,14 @@
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/final
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter= --output_dir output/base_on_visa
     python -m paddle.distributed.launch --nproc_per_node 4 tools/eval.py -c configs/lriad_mvtec.yaml
-    python tools/eval.py --compare "Qwen2-VL base=output/base_on_visa" "LR-IAD=output/lriad_mvtec/eval_visa_all" \
+    python tools/eval.py --compare "Qwen2-VL base=output/base_on_visa" "LR-IAD=<folder the first command printed>" \
         --output_dir output/table3      (paper-style comparison of finished runs; no model is loaded)
 
 Data: cfg.data.eval (dataset, root, split, categories). Output (default
-<output_dir>/<run_name>/eval_<dataset>_<split>): predictions.jsonl (resumable: re-running skips finished
-images), metrics.json, report.md, overall.csv, per_category.csv, report.png, config.yaml.
+<output_dir>/<run_name>/eval_<dataset>_<split>_<model>_<adapter or "base">): identity.json (every setting the
+predictions depend on), predictions.jsonl (resumable: re-running skips finished images), metrics.json,
+report.md, overall.csv, per_category.csv, report.png, config.yaml. A re-run into a folder whose identity.json
+differs stops before loading anything, naming the differing settings (ppiad.eval.identity).
 Exit code 0 on success, 2 on bad input with a one-line reason.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 
 from ppiad.config import ConfigError, require, save_config
 from ppiad.utils.cli import UsageError, add_config_args, add_model_args, config_from_args, user_errors
+from ppiad.utils.identity import digest, write_identity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Table III / V-VI comparison of finished eval runs to <output_dir>/comparison.md")
     p.add_argument("--calibrate", action="store_true",
                    help="also report figures at the P(A) threshold meeting eval.target_fpr (= -o eval.calibrate=true)")
-    p.add_argument("--output_dir", help="where to write predictions and the report "
-                                        "(default <output_dir>/<run_name>/eval_<dataset>_<split>)")
+    p.add_argument("--output_dir", help="where to write predictions and the report (default "
+                                        "<output_dir>/<run_name>/eval_<dataset>_<split>_<model>_<adapter or base>)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 def default_output_dir(cfg) -> str:
+    """Named after the data, the model and the adapter, so the base model and each adapter get their own."""
+    from ppiad.eval.identity import model_tag
+
     part = cfg.data.eval
-    return os.path.join(cfg.output_dir, cfg.run_name, f"eval_{part.dataset}_{part.split}")
+    return os.path.join(cfg.output_dir, cfg.run_name, f"eval_{part.dataset}_{part.split}_{model_tag(cfg)}")
+
+
+def check_output_identity(cfg, out_dir: str) -> dict:
+    """The evaluation's identity; IdentityError (exit code 2) if `out_dir` holds predictions of another one."""
+    import glob
+
+    from ppiad.eval.identity import evaluation_identity
+    from ppiad.eval.runner import PREDICTIONS
+    from ppiad.utils.identity import check_identity
+
+    identity = evaluation_identity(cfg)
+    results = [os.path.join(out_dir, PREDICTIONS), os.path.join(out_dir, "metrics.json")]
+    has_results = any(os.path.exists(f) for f in results) or bool(glob.glob(os.path.join(out_dir, "predictions.rank*")))
+    check_identity(out_dir, identity, "predictions", "give another --output_dir or delete that folder",
+                   has_results=has_results)
+    return identity
 
 
 def _default_predictor(cfg):
@@ -75,23 +97,25 @@ def run(args, cfg, predictor_factory) -> int:
     if not samples:
         raise UsageError(f"data.eval: no images in {part.dataset} '{part.root}' (split {part.split})")
     out_dir = args.output_dir or default_output_dir(cfg)
+    identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()
     predictor = predictor_factory(cfg)  # after the cheap checks: loading a 7B model takes a while
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        write_identity(out_dir, identity)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     adapter = cfg.model.adapter or "base model"
     meta = {"model": model_path, "adapter": adapter, "dataset": part.dataset, "root": part.root,
             "partition": part.split, "categories": ", ".join(part.categories) or "all",
             "decoding": ("sampling, temperature %g" % cfg.eval.temperature) if cfg.eval.do_sample else "greedy",
-            "max_new_tokens": cfg.eval.max_new_tokens}
+            "max_new_tokens": cfg.eval.max_new_tokens, "identity": f"{digest(identity)} (identity.json)"}
     name = os.path.basename(os.path.normpath(cfg.model.adapter or model_path))
     title = f"{name} on {part.dataset} ({part.split})"
     metrics = run_evaluation(samples, predictor, out_dir, batch_size=cfg.eval.batch_size, meta=meta,
                              max_images=cfg.eval.max_images, calibrate=calibrate,
                              target_fpr=cfg.eval.target_fpr, threshold=threshold, title=title, progress=not args.no_progress,
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, bit_depth=part.bit_depth)
     if metrics is not None:
         o = metrics["overall"]
         line = (f"{title}: accuracy {100 * o['accuracy']:.2f}  F1-macro {100 * o['f1_macro']:.2f}  "

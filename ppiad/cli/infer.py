@@ -111,7 +111,7 @@ def run(args, cfg, predictor_factory) -> int:
         if not os.path.isfile(args.image):
             raise UsageError(f"--image '{args.image}' is not a file" if os.path.exists(args.image)
                              else f"--image '{args.image}' does not exist")
-        _, err = try_load(args.image)  # a bad file fails here, before the model is loaded
+        _, err = try_load(args.image, cfg.data.eval.bit_depth)  # a bad file fails here, before the model is loaded
         if err:
             raise UsageError(err)
         paths, skipped = [args.image], []
@@ -144,7 +144,7 @@ def run(args, cfg, predictor_factory) -> int:
         batch = paths[start:start + batch_size]
         images, errors = {}, {}
         for p in batch:
-            img, err = try_load(p)
+            img, err = try_load(p, cfg.data.eval.bit_depth)
             if img is None:
                 errors[p] = err
             else:

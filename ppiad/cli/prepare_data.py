@@ -5,7 +5,8 @@
   python tools/prepare_data.py stats --dataset mvtec --root data/mvtec_ad [--split all] [--json]
 
 `synth` writes a synthetic MVTec-layout tree (use another --seed for a disjoint held-out tree);
-`stats` prints per-category normal/defect counts and the defect ratio (the paper's Table I).
+`stats` prints per-category normal/defect counts and the defect ratio (the paper's Table I), the defect types
+it counted and (folder datasets, --normal_dirs / --exclude_dirs) the folders it skipped, such as masks.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import logging
 import sys
 import time
 
+from ppiad.data.folder import folder_layout
 from ppiad.data.registry import MISSING_FILE_MODES, SPLITS, load_dataset
 from ppiad.data.stats import count_missing, dataset_stats, format_stats
 from ppiad.data.synthetic import CATEGORIES, SyntheticError, generate_synthetic
@@ -33,9 +35,18 @@ def cmd_synth(args) -> None:
           f"categories {', '.join(summary['categories'])}) to {summary['out_dir']} in {time.time() - start:.1f} s")
 
 
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
 def cmd_stats(args) -> None:
-    samples = load_dataset(args.dataset, args.root, split=args.split, missing_files=args.missing_files)
+    folder = {"normal_dirs": _names(args.normal_dirs), "exclude_dirs": _names(args.exclude_dirs)}
+    samples = load_dataset(args.dataset, args.root, split=args.split, missing_files=args.missing_files, **folder)
     stats = dataset_stats(samples, args.dataset, args.split)
+    if args.dataset == "folder":
+        layout = folder_layout(args.root, **{k: v for k, v in folder.items() if v is not None})
+        stats["skipped"] = {f"{cat}/{name}" if cat else name: reason for cat, entry in layout.items()
+                            for name, reason in entry["skipped"].items()}
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -62,6 +73,9 @@ def main(argv=None) -> int:
     t.add_argument("--split", default="all", choices=SPLITS)
     t.add_argument("--missing_files", default="keep", choices=MISSING_FILE_MODES,
                    help="VisA rows whose image is missing: keep (count them), drop, or error")
+    t.add_argument("--normal_dirs", default=None, help="folder datasets: comma-separated sub-directories holding "
+                   "normal images (default good)")
+    t.add_argument("--exclude_dirs", default=None, help="folder datasets: comma-separated sub-directories to skip")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t.set_defaults(func=cmd_stats)
 

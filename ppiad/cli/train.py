@@ -7,7 +7,9 @@
     python tools/train.py -c configs/lriad_mvtec.yaml -o train.resume=auto      # continue the latest checkpoint
 
 Output in <output_dir>/<run_name>/: checkpoints/step_XXXXXX/ (adapter_model.safetensors + adapter_config.json:
-pass the directory to tools/eval.py as model.adapter), vdl/ (VisualDL), metrics.jsonl, train.log, config.yaml.
+pass the directory to tools/eval.py as model.adapter), vdl/ (VisualDL), metrics.jsonl, train.log, config.yaml,
+identity.json (every setting the checkpoints depend on: a run directory whose checkpoints were made with other
+settings is not continued; the tool stops naming the differing keys).
 Ctrl-C (or SIGTERM) saves a checkpoint after the current step and exits 0; a second Ctrl-C aborts.
 Exit code 0 on success, 2 on bad input with a one-line reason.
 """
@@ -39,11 +41,28 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"config key 'data.train.root': '{root}' is not a directory; set -o data.train.root=DIR")
 
 
+def check_run_identity(cfg) -> None:
+    """Stop (exit code 2, naming the differing keys) before continuing a run directory whose checkpoints were
+    made with other settings; record this run's identity otherwise (ppiad.rl.identity)."""
+    from ppiad.rl.checkpoint import find_latest
+    from ppiad.rl.identity import training_identity
+    from ppiad.utils.identity import check_identity, write_identity
+
+    run_dir = os.path.join(cfg.output_dir, cfg.run_name)
+    identity = training_identity(cfg)
+    check_identity(run_dir, identity, "training checkpoints", "pass another run_name (or output_dir) or delete "
+                   "that folder", has_results=find_latest(run_dir) is not None)
+    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":   # rank 0 (paddle.distributed.launch sets the id)
+        os.makedirs(run_dir, exist_ok=True)
+        write_identity(run_dir, identity)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors():
         cfg = config_from_args(args)
         check_paths(cfg)
+        check_run_identity(cfg)
         from ppiad.rl.trainer import GRPOTrainer
 
         summary = GRPOTrainer(cfg).train()

@@ -14,6 +14,7 @@ from ppiad.data.sample import Sample
 
 SPLITS = ("all", "train", "test")
 MISSING_FILE_MODES = ("keep", "drop", "error")
+FOLDER_DEFAULTS = {"normal_dirs": ["good"], "exclude_dirs": []}
 
 
 class DatasetError(ValueError):
@@ -88,8 +89,11 @@ def loaders() -> dict[str, Callable[..., list[Sample]]]:
 
 
 def load_dataset(dataset: str, root: str, split: str = "all", categories: Iterable[str] | None = None,
-                 object_names: Mapping[str, str] | None = None, missing_files: str = "keep") -> list[Sample]:
-    """Load one partition of a dataset by layout name (mvtec, visa, folder)."""
+                 object_names: Mapping[str, str] | None = None, missing_files: str = "keep",
+                 normal_dirs: Iterable[str] | None = None, exclude_dirs: Iterable[str] | None = None
+                 ) -> list[Sample]:
+    """Load one partition of a dataset by layout name (mvtec, visa, folder). `normal_dirs` / `exclude_dirs`
+    (folder datasets only; DatasetError for the others): see ppiad.data.folder."""
     table = loaders()
     if dataset not in table:
         raise DatasetError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(table)}")
@@ -97,11 +101,20 @@ def load_dataset(dataset: str, root: str, split: str = "all", categories: Iterab
         raise DatasetError(f"unknown missing_files mode '{missing_files}'; valid: {', '.join(MISSING_FILE_MODES)}")
     check_split(split)
     kwargs = {"missing_files": missing_files} if dataset == "visa" else {}
+    folder_keys = {"normal_dirs": normal_dirs, "exclude_dirs": exclude_dirs}
+    if dataset == "folder":
+        kwargs.update({k: v for k, v in folder_keys.items() if v is not None})
+    else:
+        given = [k for k, v in folder_keys.items() if v is not None and list(v) != FOLDER_DEFAULTS[k]]
+        if given:
+            raise DatasetError(f"{' and '.join(given)} apply to folder datasets only, not to '{dataset}'")
     return table[dataset](root, split=split, categories=categories, object_names=object_names, **kwargs)
 
 
 def build_dataset(part_cfg: Mapping, object_names: Mapping[str, str] | None = None) -> list[Sample]:
-    """Samples of `cfg.data.train` or `cfg.data.eval` (keys dataset, root, split, categories, missing_files)."""
+    """Samples of `cfg.data.train` or `cfg.data.eval` (keys dataset, root, split, categories, missing_files,
+    normal_dirs, exclude_dirs)."""
     return load_dataset(part_cfg.get("dataset", "mvtec"), part_cfg.get("root", ""), part_cfg.get("split", "all"),
                         part_cfg.get("categories") or None, object_names,
-                        part_cfg.get("missing_files", "keep"))
+                        part_cfg.get("missing_files", "keep"), part_cfg.get("normal_dirs"),
+                        part_cfg.get("exclude_dirs"))

@@ -8,11 +8,15 @@ from ppiad.data.sample import Sample
 
 
 def dataset_stats(samples: Iterable[Sample], dataset: str, split: str) -> dict:
-    """`{"dataset", "split", "categories": {cat: {"normal", "defect"}}, "total": {"normal", "defect", "defect_ratio"}}`."""
+    """`{"dataset", "split", "categories": {cat: {"normal", "defect"}}, "total": {"normal", "defect", "defect_ratio"},
+    "defect_types": {cat: [defect types counted, sorted]}}`."""
     cats: dict[str, dict[str, int]] = {}
+    types: dict[str, set] = {}
     for s in samples:
         counts = cats.setdefault(s.category, {"normal": 0, "defect": 0})
         counts["defect" if s.is_defect else "normal"] += 1
+        if s.is_defect:
+            types.setdefault(s.category, set()).add(s.defect_type)
     normal = sum(c["normal"] for c in cats.values())
     defect = sum(c["defect"] for c in cats.values())
     total = normal + defect
@@ -21,6 +25,7 @@ def dataset_stats(samples: Iterable[Sample], dataset: str, split: str) -> dict:
         "split": split,
         "categories": {c: cats[c] for c in sorted(cats)},
         "total": {"normal": normal, "defect": defect, "defect_ratio": defect / total if total else 0.0},
+        "defect_types": {c: sorted(types[c]) for c in sorted(types)},
     }
 
 
@@ -30,7 +35,8 @@ def count_missing(samples: Iterable[Sample]) -> int:
 
 
 def format_stats(stats: dict, missing: int | None = None) -> str:
-    """A plain-text table: one row per category, then the totals."""
+    """A plain-text table: one row per category, then the totals, the defect types counted per category and
+    (folder datasets) the folders skipped (`stats["skipped"]`: {"category/folder": reason})."""
     rows = [(cat, c["normal"], c["defect"]) for cat, c in stats["categories"].items()]
     t = stats["total"]
     width = max([len("Category"), len("Total")] + [len(r[0]) for r in rows])
@@ -46,6 +52,12 @@ def format_stats(stats: dict, missing: int | None = None) -> str:
     out += [fmt(*r) for r in rows]
     out.append("-" * len(out[1]))
     out.append(fmt("Total", t["normal"], t["defect"]))
+    if stats.get("defect_types"):
+        out.append("defect types counted:")
+        out += [f"  {cat}: {', '.join(types)}" for cat, types in stats["defect_types"].items()]
+    if stats.get("skipped"):
+        out.append("folders skipped (not counted):")
+        out += [f"  {where}: {reason}" for where, reason in stats["skipped"].items()]
     if missing:
         out.append(f"note: {missing} listed image(s) are missing on disk; they are counted above and will be "
                    f"reported as unreadable (use --missing_files drop to leave them out)")

@@ -1,9 +1,13 @@
 """The embedded default end to end: synthetic data, tiny stand-in, format warm start, GRPO, evaluation, inspection.
 
 Each stage leaves its output where the config says (data roots, model.path, the run directory) and is skipped
-when that output is already complete, so an interrupted demo continues where it stopped. Training,
-evaluation and inspection run through the real command-line tools, exactly as a user would run them; the
-demo prints each command.
+when that output is already complete, so an interrupted demo continues where it stopped. Every such output
+records what made it (the data trees in synthetic.json, the warm start in identity.json, the run directory in
+demo_identity.json beside tools/train.py's identity.json, each evaluation folder in its own identity.json),
+and `check_outputs` stops the demo (exit code 2, one line naming the differing keys) before anything runs
+when an existing output was made with other settings: e.g. `-o seed=1` after a seed-0 run must get its own
+data roots, model.path and run_name. Training, evaluation and inspection run through the real command-line
+tools, exactly as a user would run them; the demo prints each command.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Callable, Sequence
 from ppiad.config import Config
 from ppiad.data.registry import build_dataset
 from ppiad.eval.metrics import false_alarm_rate
-from ppiad.utils.io import atomic_write_json
+from ppiad.utils.identity import IdentityError, check_identity, differing_keys, flat_settings, write_identity
+from ppiad.utils.io import atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
@@ -27,6 +32,73 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_conf
 
 def run_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, cfg.run_name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What made each output
+# ---------------------------------------------------------------------------------------------------------
+# Settings that do not change the demo's results: where outputs go, how often they are saved or logged.
+_NOT_IDENTITY = frozenset({"train.save_every", "train.log_every", "train.resume", "model.path", "model.adapter"})
+RUN_IDENTITY = "demo_identity.json"   # beside tools/train.py's own identity.json in the run directory
+
+
+def data_identity(cfg: Config, which: str) -> dict:
+    """What the synthetic tree `which` ("train" or "eval") is made from, keyed by config key."""
+    from ppiad.data.synthetic import CATEGORIES
+
+    d = cfg.demo
+    count = "demo.train_images" if which == "train" else "demo.test_images"
+    return {"seed": cfg.seed, count: d.train_images if which == "train" else d.test_images,
+            "demo.defect_ratio": d.defect_ratio, "demo.image_size": d.image_size,
+            "demo.categories": sorted(d.categories or CATEGORIES)}
+
+
+def _stored_data_identity(root: str, which: str) -> dict:
+    """data_identity read back from a tree's synthetic.json (the generator's arguments)."""
+    meta = read_json(os.path.join(root, "synthetic.json"))
+    count = "demo.train_images" if which == "train" else "demo.test_images"
+    return {"seed": meta.get("seed", 0) - (0 if which == "train" else 1), count: meta.get("num_images"),
+            "demo.defect_ratio": meta.get("defect_ratio"), "demo.image_size": meta.get("size"),
+            "demo.categories": sorted(meta.get("categories") or [])}
+
+
+def warmstart_identity(cfg: Config) -> dict:
+    """What the warm-started stand-in at model.path is made from: its architecture, pixel limits, the warm
+    start's settings and the training tree it saw."""
+    d = cfg.demo
+    return {**data_identity(cfg, "train"), "demo.hidden_size": d.hidden_size, "demo.layers": d.layers,
+            "demo.vision_embed_dim": d.vision_embed_dim, "model.min_pixels": cfg.model.min_pixels,
+            "model.max_pixels": cfg.model.max_pixels, "demo.warmstart_steps": d.warmstart_steps,
+            "demo.warmstart_batch_size": d.warmstart_batch_size, "demo.warmstart_lr": d.warmstart_lr}
+
+
+def run_identity(cfg: Config) -> dict:
+    """What the run directory's training checkpoints depend on: the warm start, both data trees and every
+    model, LoRA, reward, GRPO and training setting (not where or how often things are saved or logged)."""
+    ident = {**warmstart_identity(cfg), **data_identity(cfg, "eval")}
+    for section in ("model", "lora", "rewards", "grpo", "train"):   # model.path: the warm start's settings say it
+        ident.update(flat_settings(cfg[section], section, _NOT_IDENTITY))
+    return ident
+
+
+def check_outputs(cfg: Config) -> None:
+    """Stop (IdentityError, one line naming the differing keys) if an existing data tree, warm start or run
+    directory of this config was made with other settings. Nothing is written."""
+    for which, root, key in (("train", cfg.data.train.root, "data.train.root"),
+                             ("eval", cfg.data.eval.root, "data.eval.root")):
+        if os.path.isfile(os.path.join(root, "synthetic.json")):
+            diff = differing_keys(_stored_data_identity(root, which), data_identity(cfg, which))
+            if diff:
+                raise IdentityError(f"'{root}' holds a synthetic tree made with other settings (differing: "
+                                    f"{', '.join(diff)}); pass another {key} or delete that folder")
+    check_identity(cfg.model.path, warmstart_identity(cfg), "a warm-started model",
+                   "pass another model.path or delete that folder",
+                   has_results=os.path.exists(os.path.join(cfg.model.path, "model.safetensors")))
+    from ppiad.rl.checkpoint import CHECKPOINTS
+
+    check_identity(run_dir(cfg), run_identity(cfg), "a demo run", "pass another run_name (or output_dir) or "
+                   "delete that folder", has_results=os.path.isdir(os.path.join(run_dir(cfg), CHECKPOINTS)),
+                   filename=RUN_IDENTITY)
 
 
 def prepare_data(cfg: Config, log: Callable = print) -> None:
@@ -76,6 +148,7 @@ def prepare_model(cfg: Config, log: Callable = print) -> None:
     model.save_pretrained(tmp)
     for name in PROCESSOR_FILES:
         shutil.copy(os.path.join(random_dir, name), tmp)
+    write_identity(tmp, warmstart_identity(cfg))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # the model appears complete or not at all
     log(f"[model] warm start done in {time.perf_counter() - t0:.0f} s (final loss {losses[-1]:.3f}): {target}")
@@ -139,8 +212,10 @@ def run_demo(cfg: Config, config_path: str, overrides: Sequence[str], log: Calla
     from ppiad.rl.checkpoint import find_latest
 
     t_start = time.perf_counter()
+    check_outputs(cfg)   # before anything is written: a differing earlier run stops the demo here
     out = run_dir(cfg)
     os.makedirs(out, exist_ok=True)
+    write_identity(out, run_identity(cfg), RUN_IDENTITY)
     prepare_data(cfg, log)
     prepare_model(cfg, log)
 

@@ -53,16 +53,11 @@ def prediction_from_text(completion: str, score: float | None = None) -> Predict
 
 
 def fit_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
-    """Pad an image whose aspect ratio exceeds `max_aspect` with white (as a transparent background is
-    composited) so it can be judged rather than refused. Size itself is the processor's business: its smart
-    resize scales every image into [cfg.model.min_pixels, cfg.model.max_pixels]."""
-    w, h = img.size
-    if max(w, h) / min(w, h) <= max_aspect:
-        return img
-    side = math.ceil(max(w, h) / max_aspect)
-    canvas = Image.new("RGB", (max(w, side), max(h, side)), (255, 255, 255))
-    canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
-    return canvas
+    """Pad an image whose aspect ratio exceeds `max_aspect` with white (ppiad.models.processor.pad_to_aspect).
+    The processor already pads to the ratio its max_pixels allows; this is for callers of other processors."""
+    from ppiad.models.processor import pad_to_aspect
+
+    return pad_to_aspect(img, max_aspect)
 
 
 class ModelPredictor:
@@ -126,7 +121,7 @@ class ModelPredictor:
 
         from ppiad.models.generation import generate
 
-        inputs = self.processor.build_inputs([fit_aspect(im) for im in images], list(object_names))
+        inputs = self.processor.build_inputs(list(images), list(object_names))  # pads extreme aspects
         with paddle.no_grad():
             result = generate(self.model, inputs, num_samples=1, max_new_tokens=self.max_new_tokens,
                               do_sample=self.do_sample, temperature=self.temperature,

@@ -75,20 +75,17 @@ def _record(sample: Sample, prediction=None, seconds: float = 0.0, error: str | 
     return rec
 
 
-def try_load(path: str):
-    """(image, None) or (None, reason): a bad file is a result to record, not a reason to stop."""
+def try_load(path: str, bit_depth: str = "auto"):
+    """(image, None) or (None, reason): a bad file is a result to record, not a reason to stop.
+    `bit_depth`: ppiad.data.images.load_image's, for 16-bit files without sBIT (cfg.data.<partition>.bit_depth)."""
     from PIL import Image
 
     try:
-        return load_image(path), None
+        return load_image(path, bit_depth), None
     except ImageLoadError as exc:
         return None, str(exc)
     except Image.DecompressionBombError as exc:  # PIL refuses images above 2 x Image.MAX_IMAGE_PIXELS
         return None, f"cannot load image '{path}': too large to decode safely ({exc})"
-
-
-def _load(sample: Sample):
-    return try_load(sample.path)
 
 
 def _existing(out_dir: str) -> dict[str, dict]:
@@ -114,7 +111,8 @@ def drop_torn_tail(path: str) -> None:
 
 
 def predict_samples(samples: Sequence[Sample], predictor: Predictor, out_path: str, batch_size: int = 8,
-                    done: set[str] = frozenset(), progress: bool = True, num_workers: int = 0) -> int:
+                    done: set[str] = frozenset(), progress: bool = True, num_workers: int = 0,
+                    bit_depth: str = "auto") -> int:
     """Predict every sample whose path is not in `done`, appending records to `out_path`. Returns the count."""
     todo = [s for s in samples if s.path not in done]
     if not todo:
@@ -126,7 +124,9 @@ def predict_samples(samples: Sequence[Sample], predictor: Predictor, out_path: s
     try:
         for start in range(0, len(todo), max(1, batch_size)):
             batch = todo[start:start + max(1, batch_size)]
-            loaded = list(pool.map(_load, batch)) if pool else [_load(s) for s in batch]
+            paths = [s.path for s in batch]
+            loaded = (list(pool.map(lambda p: try_load(p, bit_depth), paths)) if pool
+                      else [try_load(p, bit_depth) for p in paths])
             ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
             t0 = time.perf_counter()
             preds = predictor.predict([loaded[i][0] for i in ok], [batch[i].object_name for i in ok]) if ok else []
@@ -231,7 +231,7 @@ def calibrated_markdown(cal: dict) -> str:
 def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str, batch_size: int = 8,
                    meta: dict | None = None, max_images: int = -1, *, calibrate: bool = False,
                    target_fpr: float = 0.05, threshold: float | None = None, title: str = "ppiad evaluation",
-                   progress: bool = True, num_workers: int = 0) -> dict | None:
+                   progress: bool = True, num_workers: int = 0, bit_depth: str = "auto") -> dict | None:
     """Predict (resuming), then write the report. Returns the metrics dict (None on ranks other than 0).
 
     `calibrate` fits a P(A) threshold for `target_fpr` on these images; `threshold` instead applies a fixed
@@ -255,14 +255,14 @@ def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str
     if world > 1:
         mine = samples[rank::world]
         predict_samples(mine, predictor, os.path.join(out_dir, f"predictions.rank{rank}.jsonl"), batch_size,
-                        done, progress and rank == 0, num_workers)
+                        done, progress and rank == 0, num_workers, bit_depth)
         _barrier()
         if rank != 0:
             _barrier()  # wait until rank 0 has merged, so no rank exits while files are being rewritten
             return None
     else:
         predict_samples(samples, predictor, os.path.join(out_dir, PREDICTIONS), batch_size, done, progress,
-                        num_workers)
+                        num_workers, bit_depth)
 
     metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report)
     if world > 1:

@@ -13,22 +13,28 @@ How one call runs (B prompts, G samples each, N = B*G rows, prompt-major: rows i
 5. a row stops after emitting one of `eos_token_ids`; later tokens of that row are `pad_token_id` with
    mask 0 and log-prob 0. The loop ends when every row has stopped or after `max_new_tokens`.
 
-Answer score (P(A) at the answer position): the decision token is the one right after the text
-"<answer" in the completion. Qwen2's byte-level BPE merges ">A" into one token (`<answer>A` tokenizes as
-"<", "answer", ">A"), a smaller tokenizer may emit ">" then "A": both are handled from the decoded text.
-- If a token boundary falls right after "<answer>", the decision token is there and the score is
-  P("A") / (P("A") + P("B")) from that step's logits.
-- Else, if a boundary falls right after "<answer" and the tokenizer has ">A"/">B" tokens, the score is
-  P(">A") / (P(">A") + P(">B")) at that step.
-- The last such position in the completion counts (the same block the lenient reader looks at).
-- A completion without one (truncated reasoning, wrong format) gets a *forced* score: one extra forward
-  over prompt + completion (stop token removed) + the tokens of "<answer" (merged tokenizers) or
+Answer score (P(A) at the token that decides the verdict), `AnswerTokens.find_decision`:
+- Letter tokens are the vocabulary entries whose text is the letter A or B with only whitespace or ">" before
+  it and whitespace or "</" after it, kept when the same text with the other letter is a token too. Qwen2 has four
+  pairs: "A"/"B", " A"/" B", ">A"/">B", "\\tA"/"\\tB" (its byte-level BPE writes `<answer>A` as "<", "answer",
+  ">A" and `<answer> A` as "<", "answer", ">", " A").
+- The decision token is the token holding the first non-space character after the last "<answer>", when that
+  character is A or B and the token is a letter token; the score is P(T_A) / (P(T_A) + P(T_B)) at that step
+  with the token's own pair (" A" vs " B" when the model wrote " A"). Every completion the strict parser
+  (ppiad.prompt) accepts is decided there; tests/test_answer_score.py checks every accepted spelling.
+- Without a letter there (non-strict completions: "<answer>a", "<answer>(A)"), the score is read where the
+  canonical letter would stand: the step after "<answer>" ("A" vs "B"), or the step after "<answer" when
+  its token starts with ">" (">A" vs ">B").
+- A completion without "<answer" (truncated reasoning, wrong format) gets a *forced* score: one extra
+  forward over prompt + completion (stop token removed) + the tokens of "<answer" (merged tokenizers) or
   "<answer>" (others), reading the same ratio at the end. Every image thus has a score for AUROC/AP;
   `force_answer_score=False` gives NaN instead. Probabilities use temperature-1 logits.
 """
 from __future__ import annotations
 
+import bisect
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -37,59 +43,161 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ppiad.prompt import parse_completion
+
 ANSWER_OPEN = "<answer"
+# Names how answer scores are computed; part of an evaluation's identity (ppiad.eval.identity), so predictions
+# scored by an older rule are never mixed with new ones. Change it whenever the score's definition changes.
+ANSWER_SCORE_METHOD = "P(letter token) vs its A/B twin, at the token holding the verdict letter (v2)"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Answer tokens
 # ---------------------------------------------------------------------------------------------------------
+# Text a token that carries the verdict letter may hold in a completion the strict parser accepts: the letter
+# with only whitespace or the end of "<answer>" before it and whitespace or the start of "</answer>" after it
+# (">A", " A", "\tA", "A", " B" ...). See `AnswerTokens`.
+_LETTER_TOKEN = re.compile(r"[\s>]*[AB][\s</]*")
+_WHITESPACE_BYTES = b"|".join(re.escape(chr(c).encode("utf-8")) for c in range(0x3001) if re.fullmatch(r"\s", chr(c)))
+_LETTER_AFTER_OPEN = re.compile(rb">(?:" + _WHITESPACE_BYTES + rb")*([AB])")   # Python's \s, as UTF-8 bytes
+_ANSWER_OPEN_BYTES = ANSWER_OPEN.encode("utf-8")
+UNSCORABLE = (-1, -1)   # find_decision: a strict verdict whose letter token has no twin (score NaN, not forced)
+
+
+def _vocab_texts(tokenizer) -> Iterator[tuple[int, str]]:
+    """(id, decoded text) of every vocabulary entry that could hold a verdict letter."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "get_vocab"):
+        # Byte-level BPE stores ASCII letters as themselves: only entries holding "A"/"B" need decoding.
+        ids = [i for raw, i in backend.get_vocab(with_added_tokens=False).items()
+               if ("A" in raw or "B" in raw) and len(raw) <= 16]
+    else:
+        ids = range(int(getattr(tokenizer, "vocab_size")))
+    for i in sorted(ids):
+        yield i, tokenizer.decode([int(i)], skip_special_tokens=False)
+
+
 @dataclass
 class AnswerTokens:
-    """Token ids needed to read P(A) vs P(B) at the answer position (see the module docstring)."""
+    """Which tokens carry the verdict, and how P(A) vs P(B) is read from them (see the module docstring).
 
+    `pairs[k] = (id of text T_A, id of text T_B)` where T_A holds the letter "A" with only whitespace or ">"
+    before it and whitespace or "</" after it, and T_B is the same text with "B" (Qwen2: ("A","B"),
+    (" A"," B"), (">A",">B"), ("\\tA","\\tB")). `letter_pairs` maps every such token id to its pair's index.
+    """
+
+    pairs: list[tuple[int, int]]
+    letter_pairs: dict[int, int]
+    texts: dict[int, str]                      # id -> decoded text of the pair tokens
     split_ids: tuple[int, int]                 # "A", "B"
     merged_ids: Optional[tuple[int, int]]      # ">A", ">B" when the vocabulary has them, else None
     open_ids: list[int]                        # tokens of "<answer" (forced score, merged tokenizers)
     close_ids: list[int]                       # tokens of ">" (forced score, split tokenizers)
-    pieces: dict = field(default_factory=dict, repr=False)   # id -> decoded text, filled lazily
+    pieces: dict = field(default_factory=dict, repr=False)   # id -> UTF-8 bytes of the token, filled lazily
     tokenizer: object = field(default=None, repr=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "AnswerTokens":
-        a, b = tokenizer.token_to_id("A"), tokenizer.token_to_id("B")
-        if a is None or b is None:
+        """Scan the vocabulary for letter tokens: build once per tokenizer and pass it to every generate() call.
+
+        Raises ValueError when the tokenizer has no single tokens "A" and "B".
+        """
+        by_text = {text: i for i, text in _vocab_texts(tokenizer) if _LETTER_TOKEN.fullmatch(text)}
+        pairs, letter_pairs, texts = [], {}, {}
+        for text, a in sorted(by_text.items()):
+            if text.count("A") != 1 or "B" in text:
+                continue
+            b = by_text.get(text.replace("A", "B"))
+            if b is None:
+                continue
+            letter_pairs[a] = letter_pairs[b] = len(pairs)
+            texts[a], texts[b] = text, text.replace("A", "B")
+            pairs.append((a, b))
+        index = {texts[a]: k for k, (a, _) in enumerate(pairs)}
+        if "A" not in index:
             raise ValueError("the tokenizer has no single tokens 'A' and 'B'; cannot score answers")
-        ma, mb = tokenizer.token_to_id(">A"), tokenizer.token_to_id(">B")
-        merged = (ma, mb) if ma is not None and mb is not None else None
-        return cls((a, b), merged, list(tokenizer.encode(ANSWER_OPEN)), list(tokenizer.encode(">")),
-                   tokenizer=tokenizer)
+        split = pairs[index["A"]]
+        merged = pairs[index[">A"]] if ">A" in index else None
+        return cls(pairs, letter_pairs, texts, split, merged, list(tokenizer.encode(ANSWER_OPEN)),
+                   list(tokenizer.encode(">")), tokenizer=tokenizer)
 
     @property
     def candidate_ids(self) -> list[int]:
-        """Vocabulary columns whose logits are kept at every step: [A, B] (+ [>A, >B])."""
-        return list(self.split_ids) + (list(self.merged_ids) if self.merged_ids else [])
+        """Vocabulary columns whose logits are kept at every step: the pairs, flattened [A0, B0, A1, B1, ...]."""
+        return [i for pair in self.pairs for i in pair]
 
-    def piece(self, token_id: int) -> str:
+    def piece(self, token_id: int) -> bytes:
+        """The UTF-8 bytes token `token_id` stands for (a byte-level token may hold part of a character)."""
         if token_id not in self.pieces:
-            self.pieces[token_id] = self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+            self.pieces[token_id] = _token_bytes(self.tokenizer, int(token_id))
         return self.pieces[token_id]
 
     def find_decision(self, tokens: Sequence[int]) -> tuple[int, int] | None:
-        """(step index, which pair: 0 = split A/B, 1 = merged >A/>B) of the last answer decision, or None."""
-        starts, text = [], ""
+        """(step index, pair index into `pairs`) where the verdict is decided, None when the completion has no
+        answer position (the forced score applies), or UNSCORABLE (see 1.). Positions are found in the
+        completion's bytes, so characters split over several tokens do not shift them.
+
+        1. The answer block is the last "<answer" (a strict completion has exactly one). If the first
+           character after its ">" and any whitespace is the letter A or B and the token holding it is a letter
+           token, the decision is that token, scored with its own pair (" A" vs " B", ">A" vs ">B", ...).
+           Every spelling the strict parser accepts is decided here (tests/test_answer_score.py); a strict
+           completion whose letter token has no A/B twin in the vocabulary (none in Qwen2's) gives UNSCORABLE.
+        2. Otherwise (no letter there: "<answer>a", "<answer>(A)", or the completion ends at "<answer>"):
+           the step right after "<answer>" ("A" vs "B"), or the step right after "<answer" when its token
+           starts with ">" (">A" vs ">B"), i.e. what the model put where the canonical letter would be.
+        """
+        starts, blob = [], b""
         for t in tokens:
-            starts.append(len(text))
-            text += self.piece(t)
+            starts.append(len(blob))
+            blob += self.piece(int(t))
         boundary = {s: i for i, s in enumerate(starts)}
-        pos = text.rfind(ANSWER_OPEN)
-        while pos >= 0:
-            end = pos + len(ANSWER_OPEN)
-            if text.startswith(">", end) and end + 1 in boundary:
-                return boundary[end + 1], 0
-            if self.merged_ids and end in boundary and self.piece(tokens[boundary[end]])[:1] == ">":
-                return boundary[end], 1
-            pos = text.rfind(ANSWER_OPEN, 0, pos)
+        pos = blob.rfind(_ANSWER_OPEN_BYTES)
+        if pos < 0:
+            return None
+        end = pos + len(_ANSWER_OPEN_BYTES)
+        m = _LETTER_AFTER_OPEN.match(blob, end)
+        if m:
+            step = bisect.bisect_right(starts, m.start(1)) - 1
+            tid = int(tokens[step])
+            pair = self.letter_pairs.get(tid)
+            if pair is not None and starts[step] + self.piece(tid).find(m.group(1)) == m.start(1):
+                return step, pair
+            if parse_completion(blob.decode("utf-8", errors="replace")).strict:
+                return UNSCORABLE   # the letter sits in a token without an A/B twin: no exact score exists
+        split = self.letter_pairs[self.split_ids[0]]
+        if blob.startswith(b">", end) and end + 1 in boundary:
+            return boundary[end + 1], split
+        if self.merged_ids and end in boundary and self.piece(int(tokens[boundary[end]])).startswith(b">"):
+            return boundary[end], self.letter_pairs[self.merged_ids[0]]
         return None
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's, used by Qwen2): printable Latin-1 bytes stand for themselves, the
+    other 68 byte values for the characters 256, 257, ... in byte order. Returns character -> byte."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_decoder()
+
+
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+    """UTF-8 bytes of one token: its decoded text, or for a byte-level token holding part of a multi-byte
+    character (which decodes to U+FFFD) the bytes its vocabulary entry spells."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" in text and hasattr(tokenizer, "id_to_token"):
+        raw = tokenizer.id_to_token(token_id)
+        if raw and all(c in _BYTE_LEVEL for c in raw):
+            return bytes(_BYTE_LEVEL[c] for c in raw)
+    return text.encode("utf-8")
 
 
 def _p_a(logit_a: float, logit_b: float) -> float:
@@ -371,6 +479,8 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                 if hit is None:
                     missing.append(r)
                     continue
+                if hit == UNSCORABLE:
+                    continue   # NaN
                 step, pair = hit
                 scores[r] = _p_a(*cand_np[r, step, 2 * pair:2 * pair + 2])
             if missing and force_answer_score:

@@ -3,7 +3,10 @@
 Matches transformers 4.51.3's `Qwen2VLProcessor` + `Qwen2VLImageProcessor` (the parity test checks ids and
 pixel values against it; they are bit-equal). Deliberate differences, where the reference fails or misreads:
 - images with a side under 28 px are upscaled by the same smart-resize formula instead of being rejected;
-- a side that the max-pixels downscale would round to 0 is kept at one 28 px unit;
+- a side that the max-pixels downscale would round to 0 is kept at one 28 px unit, and no result passes
+  max_pixels: aspect ratios above min(200, max_pixels / 28**2) are padded with white to that ratio
+  (`pad_to_aspect`) instead of being refused (the reference refuses past 200 and, at a small max_pixels,
+  returns up to 3.5x the pixel budget for ratios it accepts: 50 x 10000 at 12,544 -> 28 x 1568);
 - `size` in preprocessor_config.json is honoured when `min_pixels` / `max_pixels` are absent (4.51.3 ignores
   it and falls back to its built-in defaults).
 """
@@ -31,14 +34,34 @@ DEFAULT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 # ---------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------
+def max_aspect_ratio(factor: int = 28, max_pixels: int = 28 * 28 * 1280) -> float:
+    """The largest aspect ratio smart_resize accepts: the reference's 200, and no more than fits `max_pixels`
+    with the short side at one `factor` unit (a ratio r needs factor * factor * r pixels), e.g. 16 at
+    max_pixels 12,544 and factor 28; 512 at 401,408 (so 200 rules there)."""
+    return min(float(MAX_ASPECT_RATIO), max_pixels / (factor * factor))
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    """Target (height, width) in pixels: multiples of `factor` (>= factor), area within [min_pixels, max_pixels]
+    (the upper bound always; the lower one unless max_pixels forbids it), aspect kept to the nearest grid step.
+
+    The formula is transformers 4.51.3's `smart_resize` (Qwen2-VL), so results are identical for every image
+    it handles; beyond it: a side the downscale would round to 0 is kept at `factor`, and an upscale whose
+    rounding up passes max_pixels gives back grid steps on its longer side. Raises ValueError for an empty
+    size or an aspect ratio above `max_aspect_ratio(factor, max_pixels)` (the reference refuses past 200;
+    past max_pixels / factor**2 no grid size within max_pixels keeps the aspect). ImageProcessor pads such
+    images instead (see `pad_to_aspect`).
+    """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size {width}x{height} is empty")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image size {width}x{height}: aspect ratio must be at most {MAX_ASPECT_RATIO}, got "
-                         f"{max(height, width) / min(height, width):.1f}")
+    if max_pixels < factor * factor:
+        raise ValueError(f"max_pixels {max_pixels} is below one {factor}x{factor} grid cell")
+    ratio, limit = max(height, width) / min(height, width), max_aspect_ratio(factor, max_pixels)
+    if ratio > limit:
+        raise ValueError(f"image size {width}x{height}: aspect ratio {ratio:.1f} is above {limit:g}, the most "
+                         f"that fits max_pixels {max_pixels} with sides of at least {factor} px (and at most "
+                         f"{MAX_ASPECT_RATIO}); pad or crop the image, or raise max_pixels")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -49,7 +72,26 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
+    while h_bar * w_bar > max_pixels:   # only after rounding up to min_pixels close to max_pixels
+        if h_bar > factor and (w_bar == factor or h_bar * width >= w_bar * height):   # taller than the image
+            h_bar -= factor
+        else:
+            w_bar -= factor
     return h_bar, w_bar
+
+
+def pad_to_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    """`img` itself when its aspect ratio is at most `max_aspect`, else a copy centred on a white canvas
+    (white as a transparent background is composited) whose short side is long_side / max_aspect, rounded up,
+    so an extreme strip (a line-scan camera's, say) is judged rather than refused. The image's pixels are kept:
+    nothing is cropped."""
+    w, h = img.size
+    if max(w, h) / min(w, h) <= max_aspect:
+        return img
+    side = math.ceil(max(w, h) / max_aspect)
+    canvas = Image.new("RGB", (max(w, side), max(h, side)), (255, 255, 255))
+    canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+    return canvas
 
 
 def _to_pil_rgb(image) -> Image.Image:
@@ -114,6 +156,8 @@ class ImageProcessor:
     def preprocess(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One image -> (patches float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
         img = _to_pil_rgb(image)
+        if self.do_resize:
+            img = pad_to_aspect(img, max_aspect_ratio(self.factor, self.max_pixels))
         width, height = img.size
         rh, rw = self.target_size(height, width)
         if rh % self.factor or rw % self.factor:

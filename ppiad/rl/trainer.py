@@ -245,7 +245,8 @@ class GRPOTrainer:
 
         cfg, g, core, proc = self.cfg, self.cfg.grpo, self.core, self.processor
         t0 = time.perf_counter()
-        inputs = proc.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch])
+        inputs = proc.build_inputs([load_image(s.path, cfg.data.train.bit_depth) for s in batch],
+                                   [s.object_name for s in batch])
         with self._autocast():
             res = generate(core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
                            do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,

@@ -81,9 +81,10 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and exit code 2; others keep their traceback."""
     from ppiad.data.images import ImageLoadError
     from ppiad.data.registry import DatasetError
+    from ppiad.utils.identity import IdentityError
 
     try:
         yield
-    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
