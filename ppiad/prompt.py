@@ -47,6 +47,23 @@ PROMPT_TEMPLATE = "\n".join([
 ])
 
 
+# The object name when the user gives none and the config names no single category: generic, still fluent
+# ("This is an image containing a product.").
+DEFAULT_OBJECT = "product"
+
+
+def object_phrase(name: str, object_names: dict | None = None) -> str:
+    """The prompt's object name for a category or folder name: `object_names` (cfg.data.object_names) may map
+    it to a longer phrase; otherwise underscores read as spaces ("metal_nut" -> "metal nut")."""
+    names = object_names or {}
+    return str(names.get(name, name.replace("_", " ")))
+
+
+def default_object(categories, object_names: dict | None = None) -> str:
+    """The object name when none is given: the one category of cfg.data.eval.categories, else DEFAULT_OBJECT."""
+    return object_phrase(categories[0], object_names) if len(categories or []) == 1 else DEFAULT_OBJECT
+
+
 def build_prompt(object_name: str) -> str:
     """The user-turn text for one image of `object_name` (e.g. "pill", "printed circuit board")."""
     if not isinstance(object_name, str) or not object_name.strip():

@@ -28,11 +28,7 @@ def require_ref_python() -> str:
 
 
 def load_tool(name: str):
-    """Import tools/<name>.py as a module (the tools are scripts, not a package)."""
-    import importlib.util
+    """The module behind tools/<name>.py and `ppiad <name>`: ppiad.cli.<name> (tools/*.py only wrap its main)."""
+    import importlib
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    spec = importlib.util.spec_from_file_location(f"ppiad_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"ppiad.cli.{name}")

@@ -220,7 +220,7 @@ def test_fixed_threshold_from_elsewhere(tmp_path):
         run_evaluation(samples, CountingPredictor(), out, calibrate=True, threshold=0.5, progress=False)
 
 
-def test_eval_tool_compare_mode(tmp_path, capsys):
+def test_eval_tool_compare_mode(tmp_path, capsys, monkeypatch):
     import importlib.util
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -229,13 +229,14 @@ def test_eval_tool_compare_mode(tmp_path, capsys):
     spec.loader.exec_module(tool)
     samples = make_dataset(str(tmp_path / "data"))
     run_evaluation(samples, CountingPredictor(), str(tmp_path / "a"), progress=False)
+    monkeypatch.chdir(tmp_path)
     assert tool.main(["--compare", f"base={tmp_path / 'a'}", f"tuned={tmp_path / 'a' / 'metrics.json'}",
                       "--output_dir", str(tmp_path / "cmp")]) == 0
     text = open(tmp_path / "cmp" / "comparison.md").read()
     assert "| base |" in text and "| tuned |" in text and "bottle" in text
     for argv, msg in ((["--compare", "nameless", "--output_dir", str(tmp_path)], "NAME=DIR"),
                       (["--compare", f"x={tmp_path / 'nothing'}", "--output_dir", str(tmp_path)], "no metrics.json"),
-                      ([], "-c/--config is required")):
+                      ([], "no model named")):  # no -c, no --model, no demo run in this directory
         with pytest.raises(SystemExit) as exc:
             tool.main(argv)
         assert exc.value.code == 2 and msg in capsys.readouterr().err

@@ -103,9 +103,13 @@ def test_truncated_png_exits_2(tmp_path, cfg_file, capsys):
 def test_missing_image_and_missing_object(tmp_path, cfg_file, capsys):
     code, _ = run(["-c", cfg_file, "--image", str(tmp_path / "nope.png"), "--object", "pill"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    # Without --object the prompt names a generic 'product' (the config has no single eval category), and says so.
     img = _png(tmp_path / "a.png")
-    code, _ = run(["-c", cfg_file, "--image", img])
-    assert code == 2 and "--object is required" in capsys.readouterr().err
+    code, predictor = run(["-c", cfg_file, "--image", img])
+    assert code == 0 and predictor.seen[0][2] == "product"
+    assert "no --object given: the prompt names the object 'product'" in capsys.readouterr().err
+    code, predictor = run(["-c", cfg_file, "-o", "data.eval.categories=[metal_nut]", "--image", img])
+    assert code == 0 and predictor.seen[0][2] == "metal nut"
 
 
 def test_unreadable_permissions(tmp_path, cfg_file, capsys):

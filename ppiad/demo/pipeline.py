@@ -156,15 +156,17 @@ def prepare_model(cfg: Config, log: Callable = print) -> None:
 
 def run_tool(tool: str, config_path: str, overrides: Sequence[str], extra: Sequence[str] = (),
              log: Callable = print) -> None:
-    """Run tools/<tool>.py as a user would (same working directory, so relative paths in the config mean
-    the same as in this process), echoing the command; a failure stops the demo."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"), "-c", config_path, *extra]
+    """Run `ppiad <tool>` as a user would (same working directory, so relative paths in the config mean
+    the same as in this process), echoing the command; a failure stops the demo. Works from a checkout and
+    from an installed package alike (this ppiad is put first on the child's PYTHONPATH)."""
+    cmd = [sys.executable, "-m", "ppiad", tool, "-c", config_path, *extra]
     if overrides:
         cmd += ["-o", *overrides]
     log("$ " + " ".join(_quote(c) for c in cmd))
-    result = subprocess.run(cmd)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"tools/{tool}.py failed with exit code {result.returncode}")
+        raise RuntimeError(f"ppiad {tool} failed with exit code {result.returncode}")
 
 
 def _quote(arg: str) -> str:

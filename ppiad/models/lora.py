@@ -11,8 +11,12 @@ Adapter file layout (`save_adapter`): a directory with
 - `adapter_model.safetensors`: for each adapted layer `<name>` (e.g. `model.layers.0.self_attn.q_proj`)
   the keys `base_model.model.<name>.lora_A.weight` [r, in] and `base_model.model.<name>.lora_B.weight`
   [out, r], float32, in torch orientation (the layout of Hugging Face PEFT adapters);
-- `adapter_config.json`: `peft_type`, `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `bias`.
-The layer output is `W x + (alpha / r) * B A x`, as in PEFT.
+- `adapter_config.json`: PEFT's LoraConfig fields (`peft_type`, `task_type`, `r`, `lora_alpha`, `lora_dropout`,
+  `target_modules`, `bias`, `fan_in_fan_out`); `target_modules` is a list of layer names, or, once a target is a
+  regex, one regex string over full layer names, as PEFT reads it (`peft_target_modules`).
+So `peft.PeftModel.from_pretrained(transformers_qwen2_vl, DIR)` loads a ppiad adapter as it is and computes the same
+logits (tests/test_export.py). Adapters of earlier ppiad versions (a list mixing names and regexes, a `format`
+key) still load here. The layer output is `W x + (alpha / r) * B A x`, as in PEFT.
 """
 from __future__ import annotations
 
@@ -60,11 +64,13 @@ def lora_layers(model: paddle.nn.Layer) -> "OrderedDict[str, paddle.nn.Layer]":
 
 
 def apply_lora(model: paddle.nn.Layer, r: int, alpha: float, dropout: float,
-               target_modules: Sequence[str] = ("q_proj", "v_proj")) -> paddle.nn.Layer:
+               target_modules: Sequence[str] | str = ("q_proj", "v_proj")) -> paddle.nn.Layer:
     """Add LoRA adapters (B = 0, so the output is unchanged) and freeze all other weights. In place;
     returns `model` for convenience."""
     from paddleformers.peft import LoRAConfig, LoRAModel
 
+    if isinstance(target_modules, str):  # PEFT's form: one regex over full layer names
+        target_modules = [target_modules]
     if lora_layers(model):
         raise ValueError("apply_lora: the model already has LoRA adapters")
     if not isinstance(r, int) or r <= 0:
@@ -160,15 +166,30 @@ def merge_adapter(model: paddle.nn.Layer) -> paddle.nn.Layer:
     return model
 
 
+def peft_target_modules(target_modules: Sequence[str] | str) -> list[str] | str:
+    """`target_modules` as Hugging Face PEFT reads it: a list of plain names is matched by PEFT as name
+    suffixes, exactly as `target_regexes` anchors them on the decoder; once a regex (a target with a dot) is
+    involved, PEFT needs ONE regex string matched against full layer names, so every target becomes part of
+    an alternation of the full-name regexes."""
+    if isinstance(target_modules, str):
+        return target_modules
+    if all("." not in t for t in target_modules):
+        return list(target_modules)
+    if len(target_modules) == 1:
+        return target_modules[0]
+    return "|".join(f"(?:{rx})" for rx in target_regexes(target_modules))
+
+
 def _config_of(model) -> dict:
+    """adapter_config.json in Hugging Face PEFT's LoraConfig fields, so `PeftModel.from_pretrained` reads it."""
     layers = lora_layers(model)
     info = dict(getattr(model, "_ppiad_lora", {}))
     if not info:  # adapters added by other means: read what the layers know
         first = next(iter(layers.values()))
-        info = {"r": first.r, "lora_alpha": first.lora_alpha, "lora_dropout": None,
+        info = {"r": first.r, "lora_alpha": first.lora_alpha, "lora_dropout": 0.0,
                 "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers})}
-    return {"peft_type": "LORA", **info, "bias": "none", "fan_in_fan_out": False,
-            "format": "ppiad-lora-v1 (PEFT layout, torch orientation, float32)"}
+    info["target_modules"] = peft_target_modules(info["target_modules"])
+    return {"peft_type": "LORA", "task_type": None, **info, "bias": "none", "fan_in_fan_out": False}
 
 
 def save_adapter(model: paddle.nn.Layer, directory: str) -> str:
