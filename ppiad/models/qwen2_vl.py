@@ -641,7 +641,8 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         if mismatched:
             problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
         if problems:
-            raise W.CheckpointError(f"weights in '{source}' do not fit the {self.config.model_type} config: " + "; ".join(problems))
+            raise W.CheckpointError(f"weights in '{source}' do not fit the {self.config.model_type} config: "
+                                    + "; ".join(problems))
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: str = "float32",

@@ -2,10 +2,10 @@
 
 Run with the reference virtualenv only (.venv-ref): `python tests/ref/make_reference_qwen2_5_vl.py OUT_DIR`.
 Writes OUT_DIR/model (a tiny random Qwen2_5_VLForConditionalGeneration in HF format: 4 vision blocks, full
-attention at blocks 1 and 3, windows of 112 px; the real Qwen2 tokenizer; a preprocessor config) and
-OUT_DIR/image{0,1}.png and texts.json (the inputs), OUT_DIR/reference.npz: the processor's outputs and the model's outputs on a left-padded batch of two prompts with
-non-square images of different sizes whose merged grids (17 x 23, 18 x 11) do not tile into 4 x 4 windows, plus
-each prompt run alone.
+attention at blocks 1 and 3, windows of 112 px; the real Qwen2 tokenizer; a preprocessor config), the inputs
+(OUT_DIR/image0.png, image1.png, texts.json) and OUT_DIR/reference.npz: the processor's and the model's outputs on
+a left-padded batch of two prompts with non-square images of different sizes whose merged grids (17 x 23,
+18 x 11) do not tile into 4 x 4 windows, plus each prompt run alone (keys alone0.*, alone1.*).
 """
 import argparse
 import json
