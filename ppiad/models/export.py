@@ -1,10 +1,11 @@
-"""Export a Qwen2-VL + LoRA adapter as one Hugging Face-format checkpoint that transformers loads as it is.
+"""Export a Qwen2-VL / Qwen2.5-VL + LoRA adapter as one Hugging Face-format checkpoint that transformers loads as it is.
 
 The adapter is merged in float32 whatever the target dtype (W + (alpha / r) * B A computed in bf16 would round
 the small update away), then the weights are written in `dtype` as safetensors shards with
 `model.safetensors.index.json` (one `model.safetensors` when everything fits in one shard), `config.json`
 (the base's, with `torch_dtype` set), and the base's tokenizer, preprocessor, generation and chat template
-files, so `AutoProcessor.from_pretrained(OUT)` and `Qwen2VLForConditionalGeneration.from_pretrained(OUT)`
+files, so `AutoProcessor.from_pretrained(OUT)` and `Qwen2VLForConditionalGeneration` /
+`Qwen2_5_VLForConditionalGeneration.from_pretrained(OUT)`
 (transformers 4.51.3) work on the folder, as does ppiad itself (`-o model.path=OUT`).
 
 The folder appears complete or not at all: everything is written into a temporary sibling folder that is
@@ -100,10 +101,10 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
 
     import paddle
 
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models.auto import AutoModel
 
     t0 = time.perf_counter()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, dtype="float32", allow_pickle=allow_pickle)
+    model = AutoModel.from_pretrained(model_path, dtype="float32", allow_pickle=allow_pickle)
     if adapter:
         from ppiad.models.lora import load_adapter, merge_adapter
 
