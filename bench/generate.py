@@ -103,16 +103,15 @@ def main(argv=None):
     if not args.no_mkl_avx2:
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     env = dict(os.environ)
-    from ppiad.models.processor import Qwen2VLProcessor
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models import AutoModel, AutoProcessor
     from ppiad.models.tiny import build_tiny_checkpoint
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
             model_dir = build_tiny_checkpoint(os.path.join(tmp, name), seed=0, **CONFIGS[name])
-            model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
-            proc = Qwen2VLProcessor.from_pretrained(model_dir)
+            model = AutoModel.from_pretrained(model_dir)
+            proc = AutoProcessor.from_pretrained(model_dir)
             n_params = sum(int(np.prod(p.shape)) for p in model.parameters())
             for batch in [int(b) for b in args.batches.split(",")]:
                 inputs = make_inputs(proc, batch, args.image_size)

@@ -30,8 +30,7 @@ from ppiad.data.images import load_image  # noqa: E402
 from ppiad.data.registry import build_dataset  # noqa: E402
 from ppiad.models.generation import AnswerTokens, completion_logprobs, generate  # noqa: E402
 from ppiad.models.lora import apply_lora, lora_layers, lora_parameters  # noqa: E402
-from ppiad.models.processor import Qwen2VLProcessor  # noqa: E402
-from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
+from ppiad.models import AutoModel, AutoProcessor  # noqa: E402
 from ppiad.rl.grpo import grpo_loss, weighted_advantages  # noqa: E402
 from ppiad.rl.rewards import compute_rewards, factors_from_config  # noqa: E402
 
@@ -55,8 +54,8 @@ def main() -> int:
     cfg = load_config(args.config, args.opt)
     g = cfg.grpo
     paddle.seed(cfg.seed)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model.path)
-    processor = Qwen2VLProcessor.from_config(cfg)
+    model = AutoModel.from_pretrained(cfg.model.path)
+    processor = AutoProcessor.from_config(cfg)
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.target_modules)
     for layer in lora_layers(model).values():
         layer.lora_B.set_value(paddle.randn(layer.lora_B.shape) * 0.01)

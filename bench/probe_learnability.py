@@ -38,8 +38,7 @@ from ppiad.data.images import load_image  # noqa: E402
 from ppiad.data.registry import build_dataset  # noqa: E402
 from ppiad.demo.warmstart import THINK_TEXT  # noqa: E402
 from ppiad.eval.metrics import roc_auc  # noqa: E402
-from ppiad.models.processor import Qwen2VLProcessor  # noqa: E402
-from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration  # noqa: E402
+from ppiad.models import AutoModel, AutoProcessor  # noqa: E402
 
 
 def pooled_features(model, processor, samples, batch=50) -> np.ndarray:
@@ -171,8 +170,8 @@ def main() -> int:
                    help="policy: plain group advantages, no focal class weights")
     args = p.parse_args()
     cfg = load_config(args.config, args.opt)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.model.path)
-    processor = Qwen2VLProcessor.from_config(cfg)
+    model = AutoModel.from_pretrained(cfg.model.path)
+    processor = AutoProcessor.from_config(cfg)
     model.eval()
     train = build_dataset(cfg.data.train, cfg.data.object_names)
     test = build_dataset(cfg.data.eval, cfg.data.object_names)

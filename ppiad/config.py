@@ -65,7 +65,8 @@ SCHEMA: dict = {
         "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)"),
     },
     "model": {
-        "path": Field("", str, "local Hugging Face-format Qwen2-VL checkpoint directory (required)"),
+        "path": Field("", str, "local Hugging Face-format Qwen2-VL or Qwen2.5-VL checkpoint directory (required; "
+                              "config.json's model_type picks the class)"),
         "dtype": Field("float32", str, "weight / compute dtype; bfloat16 needs a GPU", ("float32", "bfloat16")),
         "allow_pickle": Field(False, bool, "allow loading pickle-based .pdparams weights (unpickling runs code)"),
         "min_pixels": Field(3136, int, "minimum image size in pixels after smart resize"),

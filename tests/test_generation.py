@@ -14,14 +14,14 @@ from ppiad.models.lora import adapters_disabled, apply_lora, lora_parameters
 from tests.conftest import QWEN2_TOKENIZER_DIR, require_shared
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ppiad.models.processor import Qwen2VLProcessor
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny(tmp_path_factory, request):
+    """Each generation test runs on both families (the Qwen2.5-VL stand-in has windowed vision attention)."""
+    from ppiad.models import AutoModel, AutoProcessor
     from ppiad.models.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=0)
-    return Qwen2VLForConditionalGeneration.from_pretrained(path), Qwen2VLProcessor.from_pretrained(path)
+    path = build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), seed=0, family=request.param)
+    return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
 
 
 def _inputs(proc, n=2):
@@ -169,19 +169,19 @@ def test_completion_logprobs_match_generate_and_carry_gradients(tiny):
     np.testing.assert_allclose(lp2.numpy(), lp.numpy(), atol=1e-5)
 
 
-def test_logprobs_gradients_reach_lora_and_reference_is_base(tmp_path):
-    from ppiad.models.processor import Qwen2VLProcessor
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_logprobs_gradients_reach_lora_and_reference_is_base(tmp_path, family):
+    from ppiad.models import AutoModel, AutoProcessor
     from ppiad.models.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(str(tmp_path), seed=1, layers=1, vision_depth=1)
-    base = Qwen2VLForConditionalGeneration.from_pretrained(path)
-    proc = Qwen2VLProcessor.from_pretrained(path)
+    path = build_tiny_checkpoint(str(tmp_path), seed=1, layers=1, vision_depth=1, family=family)
+    base = AutoModel.from_pretrained(path)
+    proc = AutoProcessor.from_pretrained(path)
     inputs = _inputs(proc)
     res = generate(base, inputs, num_samples=2, max_new_tokens=8, do_sample=True,
                    eos_token_ids=proc.eos_token_ids, seed=2)
     base_lp = completion_logprobs(base, inputs, res.sequences, res.completion_mask, 2, res.image_embeds).numpy()
-    model = apply_lora(Qwen2VLForConditionalGeneration.from_pretrained(path), r=4, alpha=16, dropout=0.0)
+    model = apply_lora(AutoModel.from_pretrained(path), r=4, alpha=16, dropout=0.0)
     rng = np.random.default_rng(0)
     for p in lora_parameters(model)[1::2]:  # random B moves the policy away from the base
         p.set_value(paddle.to_tensor(rng.normal(0, 0.5, p.shape).astype("float32")))

@@ -185,16 +185,17 @@ def test_bad_targets_rejected():
         apply_lora(m, r=4, alpha=16, dropout=0.0)
 
 
-def test_real_tiny_qwen2_vl(tmp_path):
-    """On the real architecture: q/v of the decoder only, exact reload, merge, and a mergeable checkpoint."""
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_real_tiny_qwen2_vl(tmp_path, family):
+    """On the real architectures: q/v of the decoder only, exact reload, merge, and a mergeable checkpoint."""
+    from ppiad.models import AutoModel
     from ppiad.models.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(str(tmp_path / "ckpt"), seed=0, layers=2, vision_depth=1)
+    path = build_tiny_checkpoint(str(tmp_path / "ckpt"), seed=0, layers=2, vision_depth=1, family=family)
     ids = paddle.to_tensor([[5, 17, 40, 2, 9, 11]])
-    base = Qwen2VLForConditionalGeneration.from_pretrained(path)
+    base = AutoModel.from_pretrained(path)
     want_base = base(input_ids=ids).logits.numpy()
-    m = apply_lora(Qwen2VLForConditionalGeneration.from_pretrained(path), r=4, alpha=16, dropout=0.1)
+    m = apply_lora(AutoModel.from_pretrained(path), r=4, alpha=16, dropout=0.1)
     m.eval()
     assert sorted(lora_layers(m)) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2)
                                             for p in ("q_proj", "v_proj"))
@@ -205,11 +206,12 @@ def test_real_tiny_qwen2_vl(tmp_path):
     with adapters_disabled(m):
         np.testing.assert_allclose(m(input_ids=ids).logits.numpy(), want_base, atol=1e-6)
     save_adapter(m, str(tmp_path / "adapter"))
-    fresh = load_adapter(Qwen2VLForConditionalGeneration.from_pretrained(path), str(tmp_path / "adapter"))
+    fresh = load_adapter(AutoModel.from_pretrained(path), str(tmp_path / "adapter"))
     np.testing.assert_array_equal(fresh(input_ids=ids).logits.numpy(), adapted)
     merge_adapter(fresh)
     assert not lora_layers(fresh)
     np.testing.assert_allclose(fresh(input_ids=ids).logits.numpy(), adapted, atol=1e-5)
     fresh.save_pretrained(str(tmp_path / "merged"))  # the base architecture again: loads without LoRA code
-    merged = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged"))
+    merged = AutoModel.from_pretrained(str(tmp_path / "merged"))
+    assert type(merged) is type(base)  # saved as the same family
     np.testing.assert_allclose(merged(input_ids=ids).logits.numpy(), adapted, atol=1e-5)

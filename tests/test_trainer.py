@@ -54,20 +54,20 @@ TINY_OVERRIDES = ["grpo.max_new_tokens=12", "grpo.num_generations=4", "model.min
                   "train.learning_rate=0.01", "lora.dropout=0.1"]
 
 
-def build_assets(root) -> dict:
-    """A tiny checkpoint, a 24-image synthetic tree and a LoRA adapter with non-zero B (so the KL term
+def build_assets(root, family: str = "qwen2_vl") -> dict:
+    """A tiny checkpoint of `family`, a 24-image synthetic tree and a LoRA adapter with non-zero B (so the KL term
     to the adapter-free reference already has a gradient at step 1)."""
     import paddle
 
     from ppiad.data.synthetic import generate_synthetic
     from ppiad.models.lora import apply_lora, lora_layers, save_adapter
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models import AutoModel
     from ppiad.models.tiny import build_tiny_checkpoint
 
     root = str(root)
-    model_dir = build_tiny_checkpoint(os.path.join(root, "tiny"), seed=0)
+    model_dir = build_tiny_checkpoint(os.path.join(root, "tiny"), seed=0, family=family)
     generate_synthetic(os.path.join(root, "synth"), num_images=24, defect_ratio=0.25, size=56, seed=0)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir)
     apply_lora(model, 4, 16, 0.0)
     paddle.seed(5)
     for layer in lora_layers(model).values():

@@ -1,4 +1,4 @@
-"""Evaluate a Qwen2-VL checkpoint (optionally with a LoRA adapter) on a dataset partition and write a report.
+"""Evaluate a Qwen2-VL / Qwen2.5-VL checkpoint (optionally with a LoRA adapter) on a dataset partition, report.
 
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter=output/lriad_mvtec/final
     python tools/eval.py -c configs/lriad_mvtec.yaml -o model.adapter= --output_dir output/base_on_visa
@@ -82,7 +82,7 @@ def run(args, cfg, predictor_factory) -> int:
     require(cfg, "data.eval.root", f"the {part.dataset} dataset directory to evaluate on")
     if not os.path.isdir(part.root):
         raise UsageError(f"data.eval.root '{part.root}' is not a directory")
-    model_path = require(cfg, "model.path", "the Qwen2-VL checkpoint directory to evaluate")
+    model_path = require(cfg, "model.path", "the Qwen2-VL / Qwen2.5-VL checkpoint directory to evaluate")
     if cfg.eval.batch_size <= 0:
         raise ConfigError(f"config key 'eval.batch_size' must be positive, got {cfg.eval.batch_size}")
     if not 0.0 <= cfg.eval.target_fpr <= 1.0:

@@ -1,4 +1,4 @@
-"""Train LoRA adapters of Qwen2-VL with GRPO (LR-IAD).
+"""Train LoRA adapters of Qwen2-VL or Qwen2.5-VL with GRPO (LR-IAD).
 
     python tools/train.py -c configs/tiny_cpu.yaml
     python tools/train.py -c configs/lriad_mvtec.yaml -o model.path=/models/Qwen2-VL-7B-Instruct \
@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_paths(cfg) -> None:
     """Stop early, naming the config key, when the model or the data is missing."""
-    path = require(cfg, "model.path", "the Hugging Face-format Qwen2-VL checkpoint directory to train")
+    path = require(cfg, "model.path", "the Qwen2-VL / Qwen2.5-VL checkpoint directory to train")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"config key 'model.path': '{path}' is not a Qwen2-VL checkpoint directory (no "
+        raise ConfigError(f"config key 'model.path': '{path}' is not a Hugging Face-format checkpoint directory (no "
                           f"config.json); set -o model.path=DIR")
     root = require(cfg, "data.train.root", f"the {cfg.data.train.dataset} training dataset directory")
     if not os.path.isdir(root):

@@ -119,8 +119,7 @@ def prepare_data(cfg: Config, log: Callable = print) -> None:
 def prepare_model(cfg: Config, log: Callable = print) -> None:
     """Build the tiny random Qwen2-VL and warm-start it on the format only; the result is model.path."""
     from ppiad.demo.warmstart import warm_start
-    from ppiad.models.processor import Qwen2VLProcessor
-    from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    from ppiad.models import AutoModel, AutoProcessor
     from ppiad.models.tiny import build_tiny_checkpoint
 
     target = cfg.model.path
@@ -133,8 +132,8 @@ def prepare_model(cfg: Config, log: Callable = print) -> None:
     build_tiny_checkpoint(random_dir, seed=cfg.seed, hidden_size=d.hidden_size, layers=d.layers,
                           intermediate_size=2 * d.hidden_size, vision_embed_dim=d.vision_embed_dim,
                           vision_heads=4, min_pixels=min(pixels, cfg.model.min_pixels), max_pixels=pixels)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(random_dir)
-    processor = Qwen2VLProcessor.from_pretrained(random_dir, min_pixels=cfg.model.min_pixels,
+    model = AutoModel.from_pretrained(random_dir)
+    processor = AutoProcessor.from_pretrained(random_dir, min_pixels=cfg.model.min_pixels,
                                                  max_pixels=cfg.model.max_pixels)
     n_params = sum(int(p.size) for p in model.parameters())
     log(f"[model] tiny Qwen2-VL stand-in: {n_params / 1e6:.2f}M parameters, hidden {d.hidden_size}, "

@@ -75,7 +75,7 @@ class ModelPredictor:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelPredictor":
-        path = require(cfg, "model.path", "the Qwen2-VL checkpoint directory to evaluate")
+        path = require(cfg, "model.path", "the Qwen2-VL / Qwen2.5-VL checkpoint directory to evaluate")
         if not os.path.isdir(path):
             raise ConfigError(f"model.path '{path}' is not a directory (expected a Hugging Face-format "
                               f"Qwen2-VL checkpoint folder with config.json)")
@@ -85,10 +85,9 @@ class ModelPredictor:
         if adapter and not os.path.exists(adapter):
             raise ConfigError(f"model.adapter '{adapter}' does not exist")
 
-        from ppiad.models.processor import Qwen2VLProcessor
-        from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+        from ppiad.models import AutoModel, AutoProcessor
 
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model = AutoModel.from_pretrained(
             path, dtype=_inference_dtype(cfg.model.dtype), allow_pickle=cfg.model.allow_pickle)
         if adapter:
             from ppiad.models.lora import load_adapter, merge_adapter
@@ -101,7 +100,7 @@ class ModelPredictor:
                 raise ConfigError(f"model.adapter '{adapter}': {exc}") from exc
             merge_adapter(model)
         model.eval()
-        processor = Qwen2VLProcessor.from_config(cfg)  # min/max pixels, max prompt length
+        processor = AutoProcessor.from_config(cfg)  # min/max pixels, max prompt length
         return cls(model, processor, max_new_tokens=cfg.eval.max_new_tokens, do_sample=cfg.eval.do_sample,
                    temperature=cfg.eval.temperature, seed=cfg.seed)
 

@@ -51,6 +51,11 @@ class Qwen2VLVisionConfig:
 
 @dataclass
 class Qwen2VLConfig:
+    # class-level (not fields): what config.json must say, and the vision config type; Qwen2.5-VL overrides them
+    model_type = QWEN2_VL_MODEL_TYPE
+    architecture = QWEN2_VL_ARCHITECTURE
+    vision_config_class = Qwen2VLVisionConfig
+
     vision_config: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
     vocab_size: int = 152064
     hidden_size: int = 8192
@@ -86,15 +91,15 @@ class Qwen2VLConfig:
         vision = dict(d.pop("vision_config", None) or {})
         if "in_channels" in vision:  # transformers spells it in_channels, the hub's config.json in_chans
             vision["in_chans"] = vision.pop("in_channels")
-        vnames = set(Qwen2VLVisionConfig.__dataclass_fields__)
-        vcfg = Qwen2VLVisionConfig(**{k: v for k, v in vision.items() if k in vnames})
+        vnames = set(cls.vision_config_class.__dataclass_fields__)
+        vcfg = cls.vision_config_class(**{k: v for k, v in vision.items() if k in vnames})
         names = set(cls.__dataclass_fields__) - {"vision_config", "extra"}
         kwargs = {k: d.pop(k) for k in list(d) if k in names}
         cfg = cls(vision_config=vcfg, **kwargs)
         cfg.extra = {k: v for k, v in d.items() if k != "extra"}
         cfg.extra["_vision_extra"] = {k: v for k, v in vision.items() if k not in vnames}
         if not cfg.rope_scaling or "mrope_section" not in cfg.rope_scaling:
-            raise W.CheckpointError(f"{source}: rope_scaling.mrope_section is required for Qwen2-VL, "
+            raise W.CheckpointError(f"{source}: rope_scaling.mrope_section is required for {cls.model_type}, "
                                     f"found rope_scaling={cfg.rope_scaling!r}")
         if 2 * sum(cfg.mrope_section) != cfg.head_dim:
             raise W.CheckpointError(f"{source}: 2 * sum(mrope_section={cfg.mrope_section}) must equal head_dim "
@@ -108,7 +113,7 @@ class Qwen2VLConfig:
         extra = dict(self.extra)
         vision = dict(self.vision_config.__dict__)
         vision.update(extra.pop("_vision_extra", {}))
-        out = {"architectures": [QWEN2_VL_ARCHITECTURE], "model_type": QWEN2_VL_MODEL_TYPE}
+        out = {"architectures": [self.architecture], "model_type": self.model_type}
         out.update(extra)
         out.update({k: v for k, v in self.__dict__.items() if k not in ("vision_config", "extra")})
         out["vision_config"] = vision
@@ -125,11 +130,11 @@ class Qwen2VLConfig:
             raise W.CheckpointError(f"'{path}' is not valid JSON: {exc}") from exc
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
-        if model_type != QWEN2_VL_MODEL_TYPE or (archs and QWEN2_VL_ARCHITECTURE not in archs):
+        if model_type != cls.model_type or (archs and cls.architecture not in archs):
             raise W.CheckpointError(
-                f"'{path}' does not describe a Qwen2-VL model: model_type={model_type!r}, architectures={archs!r} "
-                f"(expected model_type '{QWEN2_VL_MODEL_TYPE}' and '{QWEN2_VL_ARCHITECTURE}'; Qwen2.5-VL is a "
-                f"different architecture)")
+                f"'{path}' does not describe a {cls.model_type} model: model_type={model_type!r}, "
+                f"architectures={archs!r} (expected model_type '{cls.model_type}' and '{cls.architecture}'; "
+                f"ppiad.models.AutoModel picks the class from model_type)")
         return cls.from_dict(d, source=path)
 
 
@@ -262,6 +267,26 @@ class PatchMerger(nn.Layer):
         return x
 
 
+def vision_rotary_freqs(grid_thw: np.ndarray, merge: int, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotary angles float32 [N, D/2] of the vision tower: D/4 frequencies of each patch's row, then D/4 of its
+    column, patches in the processor's merge-group order (h/m, w/m, m, m) per frame, frames repeated."""
+    pos = []
+    for t, h, w in grid_thw:
+        rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
+        cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
+        rows = rows.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+        pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
+    pos = np.concatenate(pos, 0).astype(np.float32)  # [N, 2]
+    return (pos[:, :, None] * inv_freq[None, None, :]).reshape(len(pos), -1)
+
+
+def vision_rotary_cos_sin(freqs: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Angles [N, D/2] -> cos, sin [1, N, D] (the halves repeated, as rotate_half expects), broadcast over heads."""
+    emb = paddle.to_tensor(np.concatenate([freqs, freqs], -1))
+    return paddle.cos(emb).unsqueeze(0), paddle.sin(emb).unsqueeze(0)
+
+
 class Qwen2VisionTransformer(nn.Layer):
     def __init__(self, cfg: Qwen2VLVisionConfig):
         super().__init__()
@@ -273,20 +298,8 @@ class Qwen2VisionTransformer(nn.Layer):
         self.rot_inv_freq = 1.0 / (10000.0 ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
 
     def rotary(self, grid_thw: np.ndarray) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """cos/sin [N, D]: 2-D rotary from each patch's (row, col), patches in merge-group order."""
-        m = self.cfg.spatial_merge_size
-        pos = []
-        for t, h, w in grid_thw:
-            rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
-            cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
-            # the processor emits patches grouped by merge window: (h/m, w/m, m, m)
-            rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
-            cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
-            pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
-        pos = np.concatenate(pos, 0).astype(np.float32)  # [N, 2]
-        freqs = (pos[:, :, None] * self.rot_inv_freq[None, None, :]).reshape(len(pos), -1)  # [N, D/2]
-        emb = paddle.to_tensor(np.concatenate([freqs, freqs], -1))
-        return paddle.cos(emb).unsqueeze(0), paddle.sin(emb).unsqueeze(0)  # [1, N, D] broadcast over heads
+        """cos/sin [1, N, D]: 2-D rotary from each patch's (row, col), patches in merge-group order."""
+        return vision_rotary_cos_sin(vision_rotary_freqs(grid_thw, self.cfg.spatial_merge_size, self.rot_inv_freq))
 
     def forward(self, pixel_values, grid_thw) -> paddle.Tensor:
         grid = _as_numpy_int(grid_thw).reshape(-1, 3)
@@ -448,10 +461,13 @@ def _as_numpy_int(x) -> np.ndarray:
 # The full model
 # ----------------------------------------------------------------------------------------------------------
 class Qwen2VLForConditionalGeneration(nn.Layer):
+    config_class = Qwen2VLConfig  # what from_pretrained reads config.json with; a subclass names its own
+    vision_tower_class = Qwen2VisionTransformer
+
     def __init__(self, config: Qwen2VLConfig):
         super().__init__()
         self.config = config
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = self.vision_tower_class(config.vision_config)
         self.model = Qwen2Model(config)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size,
                               self.model.embed_tokens if config.tie_word_embeddings else None)
@@ -504,7 +520,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                 gh, gw = gh // m, gw // m
                 text_len = ed - st
                 chunks.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + nxt)
-                tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+                tt, hh, ww = np.meshgrid(self.image_time_positions(gt), np.arange(gh), np.arange(gw), indexing="ij")
                 chunks.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + text_len + nxt)
                 nxt = int(chunks[-1].max()) + 1
                 st = ed + gt * gh * gw
@@ -514,6 +530,10 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             pos[:, i, mask[i] == 1] = llm
             deltas[i, 0] = llm.max() + 1 - t
         return paddle.to_tensor(pos), paddle.to_tensor(deltas)
+
+    def image_time_positions(self, grid_t: int) -> np.ndarray:
+        """Temporal rotary index of an image's frames [grid_t]: 0, 1, 2, ... in Qwen2-VL."""
+        return np.arange(grid_t)
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -621,17 +641,19 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         if mismatched:
             problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
         if problems:
-            raise W.CheckpointError(f"weights in '{source}' do not fit the Qwen2-VL config: " + "; ".join(problems))
+            raise W.CheckpointError(f"weights in '{source}' do not fit the {self.config.model_type} config: "
+                                    + "; ".join(problems))
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: str = "float32",
                         allow_pickle: bool = False) -> "Qwen2VLForConditionalGeneration":
-        """Load a Hugging Face-format Qwen2-VL directory (config.json + safetensors, single or sharded)."""
+        """Load a Hugging Face-format directory of this class's model_type (config.json + safetensors, single or
+        sharded). ppiad.models.AutoModel.from_pretrained picks the class from config.json."""
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         if not os.path.isdir(directory):
             raise W.CheckpointError(f"model directory not found: '{directory}'")
-        config = Qwen2VLConfig.from_file(os.path.join(directory, "config.json"))
+        config = cls.config_class.from_file(os.path.join(directory, "config.json"))
         layout, files = W.find_weights(directory, allow_pickle=allow_pickle)
         prev = paddle.get_default_dtype()
         # Create parameters directly in the target dtype and zero-filled: every one is overwritten from the

@@ -1,6 +1,7 @@
-"""A tiny Qwen2-VL-architecture checkpoint for CPUs, CI and the demo: same files and formats as a real one.
+"""A tiny Qwen2-VL- or Qwen2.5-VL-architecture checkpoint for CPUs, CI and the demo: same files and formats as a
+real one.
 
-`build_tiny_checkpoint(out_dir)` writes a complete Hugging Face-format directory (config.json,
+`build_tiny_checkpoint(out_dir, family="qwen2_vl" | "qwen2_5_vl")` writes a complete Hugging Face-format directory (config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json, preprocessor_config.json, chat_template.json,
 generation_config.json). The tokenizer is a small byte-level BPE with Qwen2's pre-tokenizer, trained on the
 task's own text, so prompts are a few hundred tokens instead of needing Qwen's 151k-entry vocabulary; the
@@ -22,6 +23,8 @@ QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
                        r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+FAMILIES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 OBJECT_NAMES = (
     # MVTec-AD and VisA categories as prompt object names, plus generic products for folder datasets.
@@ -110,8 +113,17 @@ def tiny_model_config(tok: Tokenizer, hidden_size: int = 64, layers: int = 2, he
                       intermediate_size: int = 128, vision_depth: int = 2, vision_embed_dim: int = 32,
                       vision_heads: int = 2, vision_mlp_ratio: int = 4, patch_size: int = 14,
                       spatial_merge_size: int = 2, temporal_patch_size: int = 2, max_position_embeddings: int = 4096,
-                      rope_theta: float = 1000000.0, tie_word_embeddings: bool = True) -> dict:
-    """HF Qwen2-VL config.json content for the given sizes (ids taken from the tokenizer)."""
+                      rope_theta: float = 1000000.0, tie_word_embeddings: bool = True, family: str = "qwen2_vl",
+                      vision_intermediate_size: int | None = None, window_size: int = 56,
+                      fullatt_block_indexes: list | None = None) -> dict:
+    """HF config.json content of the given family (model_type) and sizes (ids taken from the tokenizer).
+
+    Qwen2.5-VL only: `vision_intermediate_size` (SwiGLU width, default 2 x vision_embed_dim), `window_size` in
+    pixels (default 56 = 2 x 2 merged tokens, so even small test images span several windows) and
+    `fullatt_block_indexes` (default: the last vision block). Raises ValueError for an unknown family.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if hidden_size % heads or heads % kv_heads or vision_embed_dim % vision_heads:
         raise ValueError(f"tiny model sizes do not divide: hidden_size={hidden_size}, heads={heads}, "
                          f"kv_heads={kv_heads}, vision_embed_dim={vision_embed_dim}, vision_heads={vision_heads}")
@@ -124,8 +136,25 @@ def tiny_model_config(tok: Tokenizer, hidden_size: int = 64, layers: int = 2, he
     h_sec = (half - t_sec) // 2
     mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    if family == "qwen2_5_vl":
+        vision = {
+            "depth": vision_depth, "hidden_size": vision_embed_dim, "out_hidden_size": hidden_size,
+            "intermediate_size": vision_intermediate_size or 2 * vision_embed_dim, "hidden_act": "silu",
+            "num_heads": vision_heads, "in_chans": 3, "patch_size": patch_size,
+            "spatial_merge_size": spatial_merge_size, "temporal_patch_size": temporal_patch_size,
+            "window_size": window_size, "tokens_per_second": 2,
+            "fullatt_block_indexes": list(fullatt_block_indexes if fullatt_block_indexes is not None
+                                          else [vision_depth - 1]),
+        }
+    else:
+        vision = {
+            "depth": vision_depth, "embed_dim": vision_embed_dim, "hidden_size": hidden_size,
+            "hidden_act": "quick_gelu", "mlp_ratio": vision_mlp_ratio, "num_heads": vision_heads,
+            "in_chans": 3, "patch_size": patch_size, "spatial_merge_size": spatial_merge_size,
+            "temporal_patch_size": temporal_patch_size,
+        }
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "architectures": [FAMILIES[family]], "model_type": family,
         "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6,
@@ -138,21 +167,16 @@ def tiny_model_config(tok: Tokenizer, hidden_size: int = 64, layers: int = 2, he
         "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
         "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
-        "vision_config": {
-            "depth": vision_depth, "embed_dim": vision_embed_dim, "hidden_size": hidden_size,
-            "hidden_act": "quick_gelu", "mlp_ratio": vision_mlp_ratio, "num_heads": vision_heads,
-            "in_chans": 3, "patch_size": patch_size, "spatial_merge_size": spatial_merge_size,
-            "temporal_patch_size": temporal_patch_size,
-        },
+        "vision_config": vision,
     }
 
 
 def build_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 1024, min_pixels: int = 56 * 56,
                           max_pixels: int = 401408, weights: bool = True, **sizes) -> str:
-    """Write a complete tiny HF-format Qwen2-VL directory to `out_dir` and return it.
+    """Write a complete tiny HF-format directory to `out_dir` and return it.
 
-    `sizes` go to `tiny_model_config` (hidden_size=64, layers=2, heads=4, kv_heads=2, vision_depth=2,
-    vision_embed_dim=32, ...). `weights=False` skips model.safetensors (tokenizer/processor-only uses).
+    `sizes` go to `tiny_model_config` (family="qwen2_vl" or "qwen2_5_vl", hidden_size=64, layers=2, heads=4,
+    kv_heads=2, vision_depth=2, vision_embed_dim=32, ...). `weights=False` skips model.safetensors (tokenizer/processor-only uses).
     Same arguments -> same files (the tokenizer does not depend on the seed; the weights do).
     """
     from ppiad.models.processor import DEFAULT_TEMPLATE_FILE, ImageProcessor
@@ -172,7 +196,10 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 1024, m
 
     atomic_write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))
     write_json("tokenizer_config.json", _tokenizer_config(tok, config["max_position_embeddings"]))
-    write_json("preprocessor_config.json", image_processor.to_config())
+    preprocessor = image_processor.to_config()
+    if config["model_type"] == "qwen2_5_vl":  # same image processor; the processor class is named per family
+        preprocessor["processor_class"] = "Qwen2_5_VLProcessor"
+    write_json("preprocessor_config.json", preprocessor)
     write_json("chat_template.json", {"chat_template": template})
     write_json("config.json", config)
     write_json("generation_config.json", {
@@ -186,8 +213,9 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, vocab_size: int = 1024, m
 def _write_random_weights(out_dir: str, seed: int) -> None:
     import paddle
 
-    from ppiad.models.qwen2_vl import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from ppiad.models.auto import model_class, model_type_of
 
     paddle.seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_file(os.path.join(out_dir, "config.json")))
+    cls = model_class(model_type_of(out_dir))
+    model = cls(cls.config_class.from_file(os.path.join(out_dir, "config.json")))
     model.save_pretrained(out_dir)  # writes model.safetensors and rewrites config.json with the same content

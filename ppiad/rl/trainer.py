@@ -201,21 +201,21 @@ class GRPOTrainer:
         cfg = self.cfg
         if self._model is not None:
             return self._model
-        from ppiad.models.qwen2_vl import Qwen2VLForConditionalGeneration
+        from ppiad.models import AutoModel
 
-        path = require(cfg, "model.path", "the Hugging Face-format Qwen2-VL checkpoint directory to train")
+        path = require(cfg, "model.path", "the Qwen2-VL / Qwen2.5-VL checkpoint directory to train")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model.path '{path}' is not a Hugging Face-format checkpoint directory "
                               f"(no config.json there); set model.path")
         dtype = "bfloat16" if _bf16_on_gpu(cfg) else "float32"
-        return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
+        return AutoModel.from_pretrained(path, dtype=dtype, allow_pickle=cfg.model.allow_pickle)
 
     def _load_processor(self):
         if self._processor is not None:
             return self._processor
-        from ppiad.models.processor import Qwen2VLProcessor
+        from ppiad.models import AutoProcessor
 
-        return Qwen2VLProcessor.from_config(self.cfg)
+        return AutoProcessor.from_config(self.cfg)
 
     def _add_adapters(self, model) -> None:
         from ppiad.models.lora import apply_lora, load_adapter, lora_layers
