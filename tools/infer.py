@@ -3,6 +3,10 @@
     python tools/infer.py -c configs/demo.yaml --image part.png --object "metal washer"
     python tools/infer.py -c configs/demo.yaml --image_dir data/washer/test/scratch --object washer --json
     python tools/infer.py -c configs/demo.yaml --image_dir incoming/ --save_vis vis/
+    python tools/infer.py -c configs/demo.yaml --image part.png --object washer --reference good1.png --reference good2.png
+
+--reference IMG (repeatable) puts those normal images before each inspected image (a k-shot prompt, k = the
+number given); a config with prompt.reference_images = k > 0 needs exactly k of them.
 
 In a folder, files without an image extension are skipped (and counted); an image that cannot be read is
 reported on its own line and the folder goes on. Exit code 0 on success, 2 on bad input (one-line reason).
@@ -37,7 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     p.add_argument("--save_vis", metavar="DIR", help="write each image with its verdict and reasoning as PNG")
     p.add_argument("--batch_size", type=int, default=None, help="images per batch (default: eval.batch_size)")
+    p.add_argument("--reference", action="append", default=[], metavar="IMG",
+                   help="a normal image of the same product shown before each inspected image (repeatable: k-shot)")
     return p
+
+
+def _load_references(args, cfg) -> list:
+    """The --reference images, loaded (a bad file fails here, before the model is loaded)."""
+    k = cfg.prompt.reference_images
+    if k and len(args.reference) != k:
+        raise UsageError(f"prompt.reference_images={k}: give {k} normal image(s) with --reference IMG "
+                         f"(got {len(args.reference)})")
+    images = []
+    for path in args.reference:
+        if not os.path.isfile(path):
+            raise UsageError(f"--reference '{path}' is not a file" if os.path.exists(path)
+                             else f"--reference '{path}' does not exist")
+        img, err = try_load(path, cfg.data.eval.bit_depth)
+        if err:
+            raise UsageError(f"--reference: {err}")
+        images.append(img)
+    return images
 
 
 def _object_name(cfg, name: str) -> str:
@@ -128,6 +152,7 @@ def run(args, cfg, predictor_factory) -> int:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     if args.save_vis:
         os.makedirs(args.save_vis, exist_ok=True)
+    refs = _load_references(args, cfg)
     predictor = predictor_factory(cfg)
 
     from tqdm import tqdm
@@ -147,7 +172,8 @@ def run(args, cfg, predictor_factory) -> int:
             else:
                 images[p] = img
         ok = [p for p in batch if p in images]
-        preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok)))) if ok else {}
+        kwargs = {"references": [refs] * len(ok)} if refs else {}
+        preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok), **kwargs))) if ok else {}
         for p in batch:
             res = _result(p, obj, preds.get(p), errors.get(p), threshold)
             counts["unreadable" if res["error"] else res["verdict"]] += 1

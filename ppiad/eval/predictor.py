@@ -36,8 +36,10 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str]) -> list[Prediction]:
-        """One Prediction per image, in order. Images are 8-bit RGB (ppiad.data.images.load_image)."""
+    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str],
+                references: Sequence[Sequence[Image.Image]] | None = None) -> list[Prediction]:
+        """One Prediction per image, in order. Images are 8-bit RGB (ppiad.data.images.load_image).
+        `references[i]`: the normal reference images shown before image i (k-shot); None = none."""
         ...
 
 
@@ -111,7 +113,8 @@ class ModelPredictor:
             self._answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
         return self._answer_tokens
 
-    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str]) -> list[Prediction]:
+    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str],
+                references: Sequence[Sequence[Image.Image]] | None = None) -> list[Prediction]:
         if len(images) != len(object_names):
             raise ValueError(f"predict: {len(images)} images but {len(object_names)} object names")
         if not images:
@@ -120,7 +123,8 @@ class ModelPredictor:
 
         from ppiad.models.generation import generate
 
-        inputs = self.processor.build_inputs(list(images), list(object_names))  # pads extreme aspects
+        inputs = self.processor.build_inputs(list(images), list(object_names),  # pads extreme aspects
+                                             references=references)
         with paddle.no_grad():
             result = generate(self.model, inputs, num_samples=1, max_new_tokens=self.max_new_tokens,
                               do_sample=self.do_sample, temperature=self.temperature,
