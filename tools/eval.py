@@ -99,10 +99,13 @@ def run(args, cfg, predictor_factory) -> int:
     samples = build_dataset(part, cfg.data.object_names)
     if not samples:
         raise UsageError(f"data.eval: no images in {part.dataset} '{part.root}' (split {part.split})")
+    from ppiad.data.leakage import guard_run, partition_paths
     from ppiad.data.references import build_reference_pool
 
     # k-shot references: never an image of the evaluated partition
     references = build_reference_pool(cfg, "eval", exclude=[s.path for s in samples])
+    # leakage guard: evaluation images identical to training images or references stop the run (exit 2)
+    guard_run(cfg, partition_paths(cfg, "train"), [s.path for s in samples], references)
     out_dir = args.output_dir or default_output_dir(cfg)
     identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()

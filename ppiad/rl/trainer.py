@@ -365,6 +365,10 @@ class GRPOTrainer:
 
         # k-shot prompts: each training image gets k normal references of its category (never itself)
         self.references = build_reference_pool(cfg, "train", train_samples=self.samples)
+        from ppiad.data.leakage import guard_run, partition_paths
+
+        # leakage guard: training images (or references) identical to evaluation images stop the run
+        guard_run(cfg, partition_paths(cfg, "train", self.samples), partition_paths(cfg, "eval"), self.references)
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
         self.plan, self.total_steps = make_plan(cfg, self.samples, self.env)
         self.processor = self._load_processor()
