@@ -379,9 +379,20 @@ class Qwen2VLProcessor:
         refs = [[] for _ in images] if references is None else [list(r) for r in references]
         if len(refs) != len(images):
             raise ValueError(f"build_inputs got {len(images)} images but {len(refs)} reference lists")
+        return self.build_chat_inputs(images, [build_prompt(name, len(r)) for name, r in zip(object_names, refs)],
+                                      return_tensors, refs)
+
+    def build_chat_inputs(self, images: Sequence, prompts: Sequence[str], return_tensors: str = "pd",
+                          references: Sequence[Sequence] | None = None) -> dict:
+        """One user turn per (image, prompt text): the references[i] images, the query image, then the text
+        (`build_inputs` with a text of the caller's, e.g. an MMAD question). Raises ValueError on length mismatch."""
+        images, prompts = list(images), list(prompts)
+        refs = [[] for _ in images] if references is None else [list(r) for r in references]
+        if not len(images) == len(prompts) == len(refs):
+            raise ValueError(f"build_chat_inputs got {len(images)} images, {len(prompts)} prompts and "
+                             f"{len(refs)} reference lists")
         texts = [self.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * (len(r) + 1) + [
-            {"type": "text", "text": build_prompt(name, len(r))}]}], add_generation_prompt=True)
-            for name, r in zip(object_names, refs)]
+            {"type": "text", "text": text}]}], add_generation_prompt=True) for text, r in zip(prompts, refs)]
         ordered = [im for r, query in zip(refs, images) for im in r + [query]]
         return self(text=texts, images=ordered, return_tensors=return_tensors)
 
