@@ -176,6 +176,8 @@ def run(args, cfg, predictor_factory) -> int:
         preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok), **kwargs))) if ok else {}
         for p in batch:
             res = _result(p, obj, preds.get(p), errors.get(p), threshold)
+            if args.reference:
+                res["references"] = list(args.reference)
             counts["unreadable" if res["error"] else res["verdict"]] += 1
             line = json.dumps(res, ensure_ascii=False) if args.json else _format_text(res, single)
             bar.write(line, file=out)
