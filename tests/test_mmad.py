@@ -201,3 +201,22 @@ def test_mmad_tool(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main(["-c", str(cfg), "--mmad_json", str(tmp_path / "broken.json")], predictor_factory=lambda c: Fake())
     assert exc.value.code == 2 and "broken.json" in capsys.readouterr().err
+
+
+def test_mmad_tool_stops_when_the_training_data_hold_mmad_images(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("PPIAD_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_fixture(str(tmp_path / "mmad"))
+    train = tmp_path / "train" / "bottle"
+    (train / "train" / "good").mkdir(parents=True)
+    shutil.copy(tmp_path / "mmad" / "MVTec-AD/bottle/test/broken/000.png", train / "train" / "good" / "copy.png")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model:\n  path: {tmp_path}\ndata:\n  train:\n    dataset: mvtec\n    root: {tmp_path / 'train'}\n")
+    tool = load_tool("mmad")
+    args = ["-c", str(cfg), "--mmad_json", path, "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(args, predictor_factory=lambda c: Fake())
+    assert exc.value.code == 2 and "1 evaluation image(s) identical to training images" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert tool.main(args + ["-o", "data.allow_overlap=true"], predictor_factory=lambda c: Fake()) == 0

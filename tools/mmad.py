@@ -5,6 +5,9 @@
 
 Output (default <output_dir>/<run_name>/mmad_<subtasks>_<k>shot_<model>): identity.json, answers.jsonl (resumable),
 mmad_metrics.json (MMAD's figures per source and ppiad's detection figures), mmad_report.md, config.yaml.
+Before the model loads, MMAD's query images are compared with data.train's images by content (leakage guard,
+ppiad.data.leakage): LR-IAD's "All" partitions hold the test images MMAD asks about; data.allow_overlap=true runs
+anyway.
 Exit code 0 on success, 2 on bad input with a one-line reason.
 """
 from __future__ import annotations
@@ -70,6 +73,10 @@ def run(args, cfg, predictor_factory) -> int:
     items = select_subset(items, args.max_images)
     if not items:
         raise UsageError("no MMAD images to evaluate (--max_images 0?)")
+    from ppiad.data.leakage import guard_run, partition_paths
+
+    # MMAD's query images are MVTec-AD / VisA / ... test images: a model trained on those partitions has seen them
+    guard_run(cfg, partition_paths(cfg, "train"), [i.path for i in items])
     out = args.output_dir or os.path.join(cfg.output_dir, cfg.run_name,
                                           f"mmad_{args.subtasks}_{args.shots}shot_{model_tag(cfg)}")
     identity = mmad_identity(cfg, args)
