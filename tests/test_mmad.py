@@ -184,6 +184,21 @@ def test_run_mmad_scores_resumes_and_reports(tmp_path):
     assert run_mmad(items, again, out)["mmad"] == f and again.calls["predict"] == again.calls["complete"] == 0
 
 
+def test_unreadable_images_are_excluded_counted_and_retried(tmp_path):
+    path = write_fixture(str(tmp_path / "mmad"))
+    broken = tmp_path / "mmad" / "VisA/pcb1/test/bad/002.png"
+    broken.write_bytes(b"not a png")
+    items = load_mmad(path)
+    out = str(tmp_path / "out")
+    m = run_mmad(items, Fake(), out)
+    assert m["unreadable"] == {"n": 1, "images": ["VisA/pcb1/test/bad/002.png"]} and m["mmad"]["n"] == 3
+    assert m["mmad"]["per_source"]["VisA"]["n"] == {DETECTION: 1}
+    Image.new("RGB", (40, 30), (40, 40, 0)).save(broken)   # fixed: asked again, the others are not
+    fake = Fake()
+    m = run_mmad(items, fake, out)
+    assert fake.calls["predict"] == 1 and m["unreadable"]["n"] == 0 and m["mmad"]["n"] == 4
+
+
 def test_mmad_tool(tmp_path, capsys):
     path = write_fixture(str(tmp_path / "mmad"))
     cfg = tmp_path / "cfg.yaml"

@@ -294,7 +294,8 @@ def run_mmad(items: Sequence[MMADItem], predictor, out_dir: str, *, batch_size: 
 
     Detection questions go through `predictor.predict(images, object_names, references)` (LR-IAD's prompt); the
     other subtasks through `predictor.complete(images, texts, references)` -> completions. An unreadable image
-    or template makes its answers unparseable (wrong) with the error recorded."""
+    or template is recorded with its error and left out of the figures (`metrics["unreadable"]`); a re-run
+    asks its questions again."""
     from ppiad.eval.metrics import evaluate
     from ppiad.eval.runner import drop_torn_tail, try_load
     from ppiad.utils.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -302,7 +303,8 @@ def run_mmad(items: Sequence[MMADItem], predictor, out_dir: str, *, batch_size: 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ANSWERS)
     drop_torn_tail(path)
-    done = {(r["image"], r["index"]) for r in read_jsonl(path)} if os.path.exists(path) else set()
+    done = ({(r["image"], r["index"]) for r in read_jsonl(path) if not r.get("error")}
+            if os.path.exists(path) else set())
     todo = [(item, q) for item in items for q in item.questions if (item.key, q.index) not in done]
     for start in range(0, len(todo), max(1, batch_size)):
         batch = todo[start:start + max(1, batch_size)]
@@ -341,13 +343,19 @@ def run_mmad(items: Sequence[MMADItem], predictor, out_dir: str, *, batch_size: 
     wanted = {(item.key, q.index) for item in items for q in item.questions}
     records = {(r["image"], r["index"]): r for r in read_jsonl(path)}
     records = [records[k] for k in sorted(wanted)]
+    # An unreadable image or template says nothing about the model: excluded from the figures and counted, as
+    # in ppiad.eval.runner (an unparseable answer, by contrast, counts as wrong).
+    errors = [r for r in records if r.get("error")]
+    records = [r for r in records if not r.get("error")]
+    if not records:
+        raise RuntimeError(f"none of the {len(errors)} MMAD questions could be asked, e.g. {errors[0]['error']}")
     figures = mmad_figures(records)
     det = [{"category": f"{r['source']}/{r['category']}", "label": r["label"], "answer": r["ppiad_answer"],
             "score": r["score"]} for r in records if r["type"] == DETECTION]
     ppiad = evaluate(det) if det else None
     metrics = {"meta": dict(meta or {}), "mmad": figures, "ppiad_detection": ppiad,
-               "images": len(items), "questions": len(records),
-               "errors": sum(1 for r in records if r.get("error"))}
+               "images": len(items), "questions": len(records) + len(errors),
+               "unreadable": {"n": len(errors), "images": sorted({r["image"] for r in errors})[:100]}}
     atomic_write_json(os.path.join(out_dir, "mmad_metrics.json"), metrics)
     atomic_write_text(os.path.join(out_dir, "mmad_report.md"),
                       mmad_markdown(figures, ppiad["overall"] if ppiad else None))
