@@ -50,6 +50,9 @@ def _partition(dataset: str, help_prefix: str) -> dict:
                              "that hold normal images", item_type=str),
         "exclude_dirs": Field([], list, f"{help_prefix}: folder datasets: sub-directories of a category to skip "
                               "(mask folders such as ground_truth are skipped anyway)", item_type=str),
+        "reference_root": Field("", str, f"{help_prefix}: k-shot prompts (prompt.reference_images > 0): folder of "
+                                "normal reference images, <reference_root>/<category>/*.png; empty = the "
+                                "training partition's normal images of the category"),
     }
 
 
@@ -63,6 +66,12 @@ SCHEMA: dict = {
         "object_names": Field({}, dict, "category -> object name used in the prompt "
                               "(default: the category name with underscores as spaces)"),
         "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)"),
+        "allow_overlap": Field(False, bool, "let training / evaluation run although the training and evaluation "
+                               "images (or the references) share files of identical content (leakage guard)"),
+    },
+    "prompt": {
+        "reference_images": Field(0, int, "k-shot: normal images of the same category put before the query image "
+                                  "(0 = LR-IAD's one-image prompt; docs/method.md)"),
     },
     "model": {
         "path": Field("", str, "local Hugging Face-format Qwen2-VL or Qwen2.5-VL checkpoint directory (required; "

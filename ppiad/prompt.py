@@ -64,13 +64,34 @@ def default_object(categories, object_names: dict | None = None) -> str:
     return object_phrase(categories[0], object_names) if len(categories or []) == 1 else DEFAULT_OBJECT
 
 
-def build_prompt(object_name: str) -> str:
-    """The user-turn text for one image of `object_name` (e.g. "pill", "printed circuit board")."""
+# k-shot (issue 17): the sentence put before f(o) when the user turn holds k normal reference images before
+# the query image. k = 0 leaves the prompt exactly f(o).
+REFERENCE_SENTENCE = ("The first {k} {images} {show} a normal {object} without any defect, for reference; "
+                      "the last image is the one to inspect.")
+
+
+def build_prompt(object_name: str, reference_images: int = 0) -> str:
+    """The user-turn text for one image of `object_name` (e.g. "pill", "printed circuit board").
+
+    `reference_images` = k >= 0 normal reference images placed before the query image in the same turn: for
+    k > 0 the text is REFERENCE_SENTENCE, a newline, then f(o) (docs/method.md); k = 0 gives f(o) alone.
+    Raises ValueError for an empty object name or a negative / non-integer k."""
     if not isinstance(object_name, str) or not object_name.strip():
         raise ValueError(f"object_name must be a non-empty string, got {object_name!r}")
+    if isinstance(reference_images, bool) or not isinstance(reference_images, int) or reference_images < 0:
+        raise ValueError(f"reference_images must be an integer >= 0, got {reference_images!r}")
+    name = object_name.strip()
     # str.replace, not str.format: the template has no other braces today, but an object name must never
     # be able to inject format fields.
-    return PROMPT_TEMPLATE.replace("{object}", object_name.strip())
+    text = PROMPT_TEMPLATE.replace("{object}", name)
+    if reference_images == 0:
+        return text
+    k = reference_images
+    intro = (REFERENCE_SENTENCE.replace("{k}", str(k)).replace("{images}", "image" if k == 1 else "images")
+             .replace("{show}", "shows" if k == 1 else "show").replace("{object}", name))
+    if k == 1:
+        intro = intro.replace("The first 1 image", "The first image")
+    return intro + "\n" + text
 
 
 def answer_for_label(label: str) -> str:

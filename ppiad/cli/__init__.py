@@ -9,8 +9,9 @@ import sys
 
 # command -> (module under ppiad.cli, one-line summary)
 COMMANDS = {
-    "train": ("train", "train LoRA adapters of Qwen2-VL with GRPO"),
+    "train": ("train", "train LoRA adapters of Qwen2-VL / Qwen2.5-VL with GRPO"),
     "eval": ("eval", "evaluate a model (+ adapter) on a dataset partition and write a report"),
+    "mmad": ("mmad", "evaluate on the MMAD benchmark (1-shot detection, or all seven subtasks)"),
     "infer": ("infer", "inspect one image or a folder: verdict, P(defect), reasoning"),
     "serve": ("serve", "the inspection web app and its JSON API"),
     "export": ("export", "merge an adapter and write a Hugging Face-format checkpoint"),

@@ -48,7 +48,9 @@ def default_output_dir(cfg) -> str:
     from ppiad.eval.identity import model_tag
 
     part = cfg.data.eval
-    return os.path.join(cfg.output_dir, cfg.run_name, f"eval_{part.dataset}_{part.split}_{model_tag(cfg)}")
+    k = cfg.prompt.reference_images
+    shots = f"_{k}shot" if k else ""   # k-shot and 0-shot predictions never share a folder
+    return os.path.join(cfg.output_dir, cfg.run_name, f"eval_{part.dataset}_{part.split}_{model_tag(cfg)}{shots}")
 
 
 def check_output_identity(cfg, out_dir: str) -> dict:
@@ -96,6 +98,13 @@ def run(args, cfg, predictor_factory) -> int:
     samples = build_dataset(part, cfg.data.object_names)
     if not samples:
         raise UsageError(f"data.eval: no images in {part.dataset} '{part.root}' (split {part.split})")
+    from ppiad.data.leakage import guard_run, partition_paths
+    from ppiad.data.references import build_reference_pool
+
+    # k-shot references: never an image of the evaluated partition
+    references = build_reference_pool(cfg, "eval", exclude=[s.path for s in samples])
+    # leakage guard: evaluation images identical to training images or references stop the run (exit 2)
+    guard_run(cfg, partition_paths(cfg, "train"), [s.path for s in samples], references)
     out_dir = args.output_dir or default_output_dir(cfg)
     identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()
@@ -110,12 +119,13 @@ def run(args, cfg, predictor_factory) -> int:
             "partition": part.split, "categories": ", ".join(part.categories) or "all",
             "decoding": ("sampling, temperature %g" % cfg.eval.temperature) if cfg.eval.do_sample else "greedy",
             "max_new_tokens": cfg.eval.max_new_tokens, "identity": f"{digest(identity)} (identity.json)"}
+    # run_evaluation adds k ("reference images (k-shot)") and the reference pool to the meta
     name = os.path.basename(os.path.normpath(cfg.model.adapter or model_path))
     title = f"{name} on {part.dataset} ({part.split})"
     metrics = run_evaluation(samples, predictor, out_dir, batch_size=cfg.eval.batch_size, meta=meta,
                              max_images=cfg.eval.max_images, calibrate=calibrate,
                              target_fpr=cfg.eval.target_fpr, threshold=threshold, title=title, progress=not args.no_progress,
-                             num_workers=cfg.data.num_workers, bit_depth=part.bit_depth)
+                             num_workers=cfg.data.num_workers, bit_depth=part.bit_depth, references=references)
     if metrics is not None:
         o = metrics["overall"]
         line = (f"{title}: accuracy {100 * o['accuracy']:.2f}  F1-macro {100 * o['f1_macro']:.2f}  "

@@ -3,6 +3,10 @@
     python tools/infer.py -c configs/demo.yaml --image part.png --object "metal washer"
     python tools/infer.py -c configs/demo.yaml --image_dir data/washer/test/scratch --object washer --json
     python tools/infer.py -c configs/demo.yaml --image_dir incoming/ --save_vis vis/
+    python ppiad/cli/infer.py -c configs/demo.yaml --image part.png --object washer --reference good1.png --reference good2.png
+
+--reference IMG (repeatable) puts those normal images before each inspected image (a k-shot prompt, k = the
+number given); a config with prompt.reference_images = k > 0 needs exactly k of them.
     python tools/infer.py --model models/Qwen2-VL-7B-Instruct --adapter output/run/checkpoints/latest --image x.png
     python tools/infer.py --image part.png     (after `make demo`: the demo's trained model)
 
@@ -39,7 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
     p.add_argument("--save_vis", metavar="DIR", help="write each image with its verdict and reasoning as PNG")
     p.add_argument("--batch_size", type=int, default=None, help="images per batch (default: eval.batch_size)")
+    p.add_argument("--reference", action="append", default=[], metavar="IMG",
+                   help="a normal image of the same product shown before each inspected image (repeatable: k-shot)")
     return p
+
+
+def _load_references(args, cfg) -> list:
+    """The --reference images, loaded (a bad file fails here, before the model is loaded)."""
+    k = cfg.prompt.reference_images
+    if k and len(args.reference) != k:
+        raise UsageError(f"prompt.reference_images={k}: give {k} normal image(s) with --reference IMG "
+                         f"(got {len(args.reference)})")
+    images = []
+    for path in args.reference:
+        if not os.path.isfile(path):
+            raise UsageError(f"--reference '{path}' is not a file" if os.path.exists(path)
+                             else f"--reference '{path}' does not exist")
+        img, err = try_load(path, cfg.data.eval.bit_depth)
+        if err:
+            raise UsageError(f"--reference: {err}")
+        images.append(img)
+    return images
 
 
 def _object_name(cfg, name: str) -> str:
@@ -131,6 +155,7 @@ def run(args, cfg, predictor_factory) -> int:
         raise UsageError(f"batch size must be positive, got {batch_size}")
     if args.save_vis:
         os.makedirs(args.save_vis, exist_ok=True)
+    refs = _load_references(args, cfg)
     predictor = predictor_factory(cfg)
 
     from tqdm import tqdm
@@ -150,9 +175,12 @@ def run(args, cfg, predictor_factory) -> int:
             else:
                 images[p] = img
         ok = [p for p in batch if p in images]
-        preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok)))) if ok else {}
+        kwargs = {"references": [refs] * len(ok)} if refs else {}
+        preds = dict(zip(ok, predictor.predict([images[p] for p in ok], [obj] * len(ok), **kwargs))) if ok else {}
         for p in batch:
             res = _result(p, obj, preds.get(p), errors.get(p), threshold)
+            if args.reference:
+                res["references"] = list(args.reference)
             counts["unreadable" if res["error"] else res["verdict"]] += 1
             line = json.dumps(res, ensure_ascii=False) if args.json else _format_text(res, single)
             bar.write(line, file=out)

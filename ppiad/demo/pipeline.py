@@ -66,7 +66,8 @@ def warmstart_identity(cfg: Config) -> dict:
     """What the warm-started stand-in at model.path is made from: its architecture, pixel limits, the warm
     start's settings and the training tree it saw."""
     d = cfg.demo
-    return {**data_identity(cfg, "train"), "demo.hidden_size": d.hidden_size, "demo.layers": d.layers,
+    shots = {"prompt.reference_images": cfg.prompt.reference_images} if cfg.prompt.reference_images else {}
+    return {**data_identity(cfg, "train"), **shots, "demo.hidden_size": d.hidden_size, "demo.layers": d.layers,
             "demo.vision_embed_dim": d.vision_embed_dim, "model.min_pixels": cfg.model.min_pixels,
             "model.max_pixels": cfg.model.max_pixels, "demo.warmstart_steps": d.warmstart_steps,
             "demo.warmstart_batch_size": d.warmstart_batch_size, "demo.warmstart_lr": d.warmstart_lr}
@@ -139,9 +140,13 @@ def prepare_model(cfg: Config, log: Callable = print) -> None:
     log(f"[model] tiny Qwen2-VL stand-in: {n_params / 1e6:.2f}M parameters, hidden {d.hidden_size}, "
         f"{d.layers} layers; format-only warm start, {d.warmstart_steps} steps")
     samples = build_dataset(cfg.data.train, cfg.data.object_names)
+    from ppiad.data.references import build_reference_pool
+
+    references = build_reference_pool(cfg, "train", train_samples=samples)   # None at k = 0
     t0 = time.perf_counter()
     losses = warm_start(model, processor, samples, steps=d.warmstart_steps, batch_size=d.warmstart_batch_size,
-                        learning_rate=d.warmstart_lr, seed=cfg.seed, log=lambda m: log(f"[model] {m}"))
+                        learning_rate=d.warmstart_lr, seed=cfg.seed, log=lambda m: log(f"[model] {m}"),
+                        references=references)
     tmp = target.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -237,12 +242,18 @@ def run_demo(cfg: Config, config_path: str, overrides: Sequence[str], log: Calla
     log("[infer] inspecting a few held-out images")
     inspect_dir = os.path.join(out, "inspect")
     os.makedirs(inspect_dir, exist_ok=True)
-    for s in pick_inspection_images(cfg):
+    from ppiad.data.references import build_reference_pool
+
+    picked = pick_inspection_images(cfg)
+    references = build_reference_pool(cfg, "eval", exclude=[s.path for s in build_dataset(cfg.data.eval,
+                                                                                           cfg.data.object_names)])
+    for s in picked:
         # A copy with a telling, unique name: the drawing is named after the image.
         image = os.path.join(inspect_dir, f"{s.category}_{s.defect_type}_{os.path.basename(s.path)}")
         shutil.copy(s.path, image)
         run_tool("infer", config_path, [*overrides, f"model.adapter={adapter}"],
-                 ["--image", image, "--object", s.object_name, "--save_vis", vis_dir], log)
+                 ["--image", image, "--object", s.object_name, "--save_vis", vis_dir,
+                  *[a for p in (references.draw(s) if references else []) for a in ("--reference", p)]], log)
 
     rows = {}
     for name, d in (("warm start (before GRPO)", eval_warm), ("after GRPO", eval_grpo)):

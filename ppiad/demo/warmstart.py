@@ -31,8 +31,9 @@ def format_only_completion(object_name: str, rng: random.Random) -> str:
 
 
 def warm_start(model, processor, samples: Sequence[Sample], *, steps: int, batch_size: int = 8,
-               learning_rate: float = 1e-3, seed: int = 0, log=print) -> list[float]:
-    """Supervised training on format-only targets (all weights of the tiny model); returns the losses."""
+               learning_rate: float = 1e-3, seed: int = 0, log=print, references=None) -> list[float]:
+    """Supervised training on format-only targets (all weights of the tiny model); returns the losses.
+    `references`: a ppiad.data.references.ReferencePool to warm-start on k-shot prompts (None = 0-shot)."""
     from ppiad.models.generation import completion_logprobs
 
     rng = random.Random(seed)
@@ -45,7 +46,9 @@ def warm_start(model, processor, samples: Sequence[Sample], *, steps: int, batch
     losses = []
     for step in range(steps):
         batch = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
-        inputs = processor.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch])
+        refs = None if references is None else [[load_image(p) for p in references.draw(s)] for s in batch]
+        inputs = processor.build_inputs([load_image(s.path) for s in batch], [s.object_name for s in batch],
+                                        references=refs)
         targets = [processor.tokenizer.encode(format_only_completion(s.object_name, rng)) + [eos] for s in batch]
         width = max(len(t) for t in targets)
         ids = np.full((len(batch), width), pad, dtype="int64")

@@ -40,6 +40,9 @@ def evaluation_identity(cfg: Config) -> dict:
     }
     if cfg.eval.do_sample:
         ident.update({"eval.temperature": cfg.eval.temperature, "seed": cfg.seed})
+    from ppiad.data.references import reference_identity
+
+    ident.update(reference_identity(cfg, "eval"))   # k-shot: k, its sentence and the reference pool
     if part.dataset == "folder":
         ident.update({"data.eval.normal_dirs": sorted(part.normal_dirs),
                       "data.eval.exclude_dirs": sorted(part.exclude_dirs)})

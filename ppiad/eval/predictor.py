@@ -36,8 +36,10 @@ class Prediction:
 
 
 class Predictor(Protocol):
-    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str]) -> list[Prediction]:
-        """One Prediction per image, in order. Images are 8-bit RGB (ppiad.data.images.load_image)."""
+    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str],
+                references: Sequence[Sequence[Image.Image]] | None = None) -> list[Prediction]:
+        """One Prediction per image, in order. Images are 8-bit RGB (ppiad.data.images.load_image).
+        `references[i]`: the normal reference images shown before image i (k-shot); None = none."""
         ...
 
 
@@ -114,24 +116,38 @@ class ModelPredictor:
             self._answer_tokens = AnswerTokens.from_tokenizer(self.processor.tokenizer)
         return self._answer_tokens
 
-    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str]) -> list[Prediction]:
+    def predict(self, images: Sequence[Image.Image], object_names: Sequence[str],
+                references: Sequence[Sequence[Image.Image]] | None = None) -> list[Prediction]:
         if len(images) != len(object_names):
             raise ValueError(f"predict: {len(images)} images but {len(object_names)} object names")
         if not images:
             return []
+        inputs = self.processor.build_inputs(list(images), list(object_names),  # pads extreme aspects
+                                             references=references)
+        result = self._generate(inputs)
+        scores = _to_list(result.answer_scores)
+        return [prediction_from_text(text, score) for text, score in zip(result.texts, scores)]
+
+    def complete(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                 references: Sequence[Sequence[Image.Image]] | None = None) -> list[str]:
+        """The completion for each (image, prompt text of the caller's), e.g. an MMAD multiple-choice question."""
+        if not images:
+            return []
+        return self._generate(self.processor.build_chat_inputs(list(images), list(prompts),
+                                                               references=references)).texts
+
+    def _generate(self, inputs):
         import paddle
 
         from ppiad.models.generation import generate
 
-        inputs = self.processor.build_inputs(list(images), list(object_names))  # pads extreme aspects
         with paddle.no_grad():
             result = generate(self.model, inputs, num_samples=1, max_new_tokens=self.max_new_tokens,
                               do_sample=self.do_sample, temperature=self.temperature,
                               eos_token_ids=self.processor.eos_token_ids,
                               answer_token_ids=self._answer_token_ids(), seed=self.seed,
                               tokenizer=self.processor.tokenizer)
-        scores = _to_list(result.answer_scores)
-        return [prediction_from_text(text, score) for text, score in zip(result.texts, scores)]
+        return result
 
 
 def _inference_dtype(dtype: str) -> str:

@@ -64,11 +64,14 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def _record(sample: Sample, prediction=None, seconds: float = 0.0, error: str | None = None) -> dict:
+def _record(sample: Sample, prediction=None, seconds: float = 0.0, error: str | None = None,
+            references: Sequence[str] = ()) -> dict:
     rec = {"path": sample.path, "category": sample.category, "label": sample.label,
            "defect_type": sample.defect_type, "object_name": sample.object_name,
            "completion": None, "think": None, "answer": None, "valid_format": False, "score": None,
            "seconds": round(seconds, 4), "error": error}
+    if references:
+        rec["references"] = list(references)
     if prediction is not None:
         rec.update(completion=prediction.completion, think=prediction.think, answer=prediction.answer,
                    valid_format=bool(prediction.valid_format), score=prediction.score)
@@ -110,10 +113,30 @@ def drop_torn_tail(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _load_with_references(path: str, refs: Sequence[str], bit_depth: str, cache: dict):
+    """((query image, [reference images]), None) or (None, reason); references are loaded once per batch."""
+    img, err = try_load(path, bit_depth)
+    if img is None:
+        return None, err
+    loaded = []
+    for r in refs:
+        if r not in cache:
+            cache[r] = try_load(r, bit_depth)
+        ref_img, ref_err = cache[r]
+        if ref_img is None:
+            return None, f"reference image: {ref_err}"
+        loaded.append(ref_img)
+    return (img, loaded), None
+
+
 def predict_samples(samples: Sequence[Sample], predictor: Predictor, out_path: str, batch_size: int = 8,
                     done: set[str] = frozenset(), progress: bool = True, num_workers: int = 0,
-                    bit_depth: str = "auto") -> int:
-    """Predict every sample whose path is not in `done`, appending records to `out_path`. Returns the count."""
+                    bit_depth: str = "auto", references=None) -> int:
+    """Predict every sample whose path is not in `done`, appending records to `out_path`. Returns the count.
+
+    `references` (a ppiad.data.references.ReferencePool, or None for 0-shot) draws each sample's k normal
+    reference images; their paths go into the record, and an unreadable reference makes the sample's record
+    an error naming it."""
     todo = [s for s in samples if s.path not in done]
     if not todo:
         return 0
@@ -124,21 +147,25 @@ def predict_samples(samples: Sequence[Sample], predictor: Predictor, out_path: s
     try:
         for start in range(0, len(todo), max(1, batch_size)):
             batch = todo[start:start + max(1, batch_size)]
-            paths = [s.path for s in batch]
-            loaded = (list(pool.map(lambda p: try_load(p, bit_depth), paths)) if pool
-                      else [try_load(p, bit_depth) for p in paths])
+            refs = [references.draw(s) if references is not None else [] for s in batch]
+            cache: dict = {}
+            jobs = list(zip([s.path for s in batch], refs))
+            load = lambda job: _load_with_references(job[0], job[1], bit_depth, cache)  # noqa: E731
+            loaded = list(pool.map(load, jobs)) if pool else [load(j) for j in jobs]
             ok = [i for i, (img, _) in enumerate(loaded) if img is not None]
             t0 = time.perf_counter()
-            preds = predictor.predict([loaded[i][0] for i in ok], [batch[i].object_name for i in ok]) if ok else []
+            kwargs = {"references": [loaded[i][0][1] for i in ok]} if references is not None else {}
+            preds = (predictor.predict([loaded[i][0][0] for i in ok], [batch[i].object_name for i in ok], **kwargs)
+                     if ok else [])
             if len(preds) != len(ok):
                 raise RuntimeError(f"predictor returned {len(preds)} predictions for {len(ok)} images")
             per_image = (time.perf_counter() - t0) / max(1, len(ok))
             by_index = dict(zip(ok, preds))
             for i, sample in enumerate(batch):
                 if i in by_index:
-                    append_jsonl(out_path, _record(sample, by_index[i], per_image))
+                    append_jsonl(out_path, _record(sample, by_index[i], per_image, references=refs[i]))
                 else:
-                    append_jsonl(out_path, _record(sample, error=loaded[i][1]))
+                    append_jsonl(out_path, _record(sample, error=loaded[i][1], references=refs[i]))
             bar.update(len(batch))
     finally:
         bar.close()
@@ -231,8 +258,12 @@ def calibrated_markdown(cal: dict) -> str:
 def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str, batch_size: int = 8,
                    meta: dict | None = None, max_images: int = -1, *, calibrate: bool = False,
                    target_fpr: float = 0.05, threshold: float | None = None, title: str = "ppiad evaluation",
-                   progress: bool = True, num_workers: int = 0, bit_depth: str = "auto") -> dict | None:
+                   progress: bool = True, num_workers: int = 0, bit_depth: str = "auto",
+                   references=None) -> dict | None:
     """Predict (resuming), then write the report. Returns the metrics dict (None on ranks other than 0).
+
+    `references`: a ppiad.data.references.ReferencePool for k-shot prompts (None = 0-shot); metrics.json and
+    the report state k and the pool (`reference_images`, `reference_pool`).
 
     `calibrate` fits a P(A) threshold for `target_fpr` on these images; `threshold` instead applies a fixed
     one (e.g. fitted on held-out normals). Either result goes under metrics["calibrated"]."""
@@ -255,22 +286,28 @@ def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str
     if world > 1:
         mine = samples[rank::world]
         predict_samples(mine, predictor, os.path.join(out_dir, f"predictions.rank{rank}.jsonl"), batch_size,
-                        done, progress and rank == 0, num_workers, bit_depth)
+                        done, progress and rank == 0, num_workers, bit_depth, references)
         _barrier()
         if rank != 0:
             _barrier()  # wait until rank 0 has merged, so no rank exits while files are being rewritten
             return None
     else:
         predict_samples(samples, predictor, os.path.join(out_dir, PREDICTIONS), batch_size, done, progress,
-                        num_workers, bit_depth)
+                        num_workers, bit_depth, references)
 
-    metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report)
+    meta = dict(meta or {})
+    meta["reference images (k-shot)"] = 0 if references is None else references.k
+    if references is not None:
+        meta["reference pool"] = references.describe()
+    metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report,
+                      references)
     if world > 1:
         _barrier()
     return metrics
 
 
-def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report) -> dict:
+def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report,
+            references=None) -> dict:
     by_path = _existing(out_dir)
     missing = [s.path for s in samples if s.path not in by_path]
     if missing:
@@ -291,6 +328,9 @@ def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, eva
     metrics = evaluate(readable)
     metrics["unreadable"] = {"n": len(unreadable), "paths": [r["path"] for r in unreadable][:100]}
     metrics["n_images"] = len(records)
+    metrics["reference_images"] = 0 if references is None else references.k
+    metrics["reference_pool"] = None if references is None else dict(references.source,
+                                                                      description=references.describe())
     secs = [r["seconds"] for r in readable if r.get("seconds")]
     metrics["seconds_per_image"] = float(np.mean(secs)) if secs else None
     meta = dict(meta or {})

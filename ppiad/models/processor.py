@@ -363,17 +363,38 @@ class Qwen2VLProcessor:
             out.append(pieces[0] + "".join(IMAGE_TOKEN * next(counts) + rest for rest in pieces[1:]))
         return out
 
-    def build_inputs(self, images: Sequence, object_names: Sequence[str], return_tensors: str = "pd") -> dict:
-        """ppiad's prompt for each (image, object name): image first in the user turn, then the task text."""
+    def build_inputs(self, images: Sequence, object_names: Sequence[str], return_tensors: str = "pd",
+                     references: Sequence[Sequence] | None = None) -> dict:
+        """ppiad's prompt for each (image, object name): image(s) first in the user turn, then the task text.
+
+        `references[i]` (optional) holds k_i normal reference images of prompt i's product, placed before its
+        query image (k-shot, ppiad.prompt.build_prompt(name, k_i)); prompts of one batch may hold different
+        counts and sizes. Images reach the model prompt by prompt, references first, query last; None or an
+        empty list gives today's one-image prompt byte for byte. Raises ValueError when the lengths differ."""
         from ppiad.prompt import build_prompt  # lazy: the prompt module is owned elsewhere
 
         images, object_names = list(images), list(object_names)
         if len(images) != len(object_names):
             raise ValueError(f"build_inputs got {len(images)} images but {len(object_names)} object names")
-        texts = [self.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": build_prompt(name)}]}], add_generation_prompt=True)
-            for name in object_names]
-        return self(text=texts, images=images, return_tensors=return_tensors)
+        refs = [[] for _ in images] if references is None else [list(r) for r in references]
+        if len(refs) != len(images):
+            raise ValueError(f"build_inputs got {len(images)} images but {len(refs)} reference lists")
+        return self.build_chat_inputs(images, [build_prompt(name, len(r)) for name, r in zip(object_names, refs)],
+                                      return_tensors, refs)
+
+    def build_chat_inputs(self, images: Sequence, prompts: Sequence[str], return_tensors: str = "pd",
+                          references: Sequence[Sequence] | None = None) -> dict:
+        """One user turn per (image, prompt text): the references[i] images, the query image, then the text
+        (`build_inputs` with a text of the caller's, e.g. an MMAD question). Raises ValueError on length mismatch."""
+        images, prompts = list(images), list(prompts)
+        refs = [[] for _ in images] if references is None else [list(r) for r in references]
+        if not len(images) == len(prompts) == len(refs):
+            raise ValueError(f"build_chat_inputs got {len(images)} images, {len(prompts)} prompts and "
+                             f"{len(refs)} reference lists")
+        texts = [self.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * (len(r) + 1) + [
+            {"type": "text", "text": text}]}], add_generation_prompt=True) for text, r in zip(prompts, refs)]
+        ordered = [im for r, query in zip(refs, images) for im in r + [query]]
+        return self(text=texts, images=ordered, return_tensors=return_tensors)
 
     # -- output -------------------------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

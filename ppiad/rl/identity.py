@@ -40,6 +40,9 @@ def training_identity(cfg: Config) -> dict:
         "data.train.bit_depth": part.bit_depth,
         "data.object_names": dict(sorted(cfg.data.object_names.items())),
     }
+    from ppiad.data.references import reference_identity
+
+    ident.update(reference_identity(cfg, "train"))   # k-shot: k, its sentence and the reference pool
     if part.dataset == "folder":
         ident.update({"data.train.normal_dirs": sorted(part.normal_dirs),
                       "data.train.exclude_dirs": sorted(part.exclude_dirs)})

@@ -216,6 +216,7 @@ class GRPOTrainer:
         self.run_dir = os.path.join(cfg.output_dir, cfg.run_name)
         self._model, self._processor, self._samples = model, processor, samples
         self._stop = stop  # a GracefulStop-like object; tests use it to stop early
+        self.references = None  # the k-shot ReferencePool (setup builds it when prompt.reference_images > 0)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _load_samples(self) -> list:
@@ -278,8 +279,10 @@ class GRPOTrainer:
 
         cfg, g, core, proc = self.cfg, self.cfg.grpo, self.core, self.processor
         t0 = time.perf_counter()
+        refs = None if self.references is None else [
+            [load_image(p, cfg.data.train.bit_depth) for p in self.references.draw(s)] for s in batch]
         inputs = proc.build_inputs([load_image(s.path, cfg.data.train.bit_depth) for s in batch],
-                                   [s.object_name for s in batch])
+                                   [s.object_name for s in batch], references=refs)
         with self._autocast():
             res = generate(core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
                            do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
@@ -410,6 +413,14 @@ class GRPOTrainer:
         self.skipped_steps, self.bad_streak = 0, 0
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
         self.samples = self._load_samples()
+        from ppiad.data.references import build_reference_pool
+
+        # k-shot prompts: each training image gets k normal references of its category (never itself)
+        self.references = build_reference_pool(cfg, "train", train_samples=self.samples)
+        from ppiad.data.leakage import guard_run, partition_paths
+
+        # leakage guard: training images (or references) identical to evaluation images stop the run
+        guard_run(cfg, partition_paths(cfg, "train", self.samples), partition_paths(cfg, "eval"), self.references)
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
         self.plan, self.total_steps = make_plan(cfg, self.samples, self.env)
         self.processor = self._load_processor()
@@ -454,6 +465,9 @@ class GRPOTrainer:
             self.log.info(f"train.resume=auto: no checkpoint in {self.run_dir}, starting from step 0")
         first = [os.path.join(*s.path.split(os.sep)[-3:]) for s in self.plan.prompts(self.start_step)[:2]]
         self.log.info(f"first prompts of this rank: {first}")
+        if self.references is not None:
+            self.log.info(f"k-shot prompts: {self.references.k} reference image(s) per prompt from "
+                          f"{self.references.describe()}")
         self.log.info(f"training {len(self.samples)} images ({self.class_factors}), {self.env.world_size} "
                       f"process(es), sharding={cfg.distributed.sharding}, {self.total_steps} steps "
                       f"({self.plan.steps_per_epoch} per epoch), {sum(int(np.prod(p.shape)) for p in self.trainable)} "
