@@ -75,9 +75,11 @@ def main() -> int:
                        do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                        eos_token_ids=processor.eos_token_ids, tokenizer=processor.tokenizer,
                        answer_token_ids=answer_tokens, seed=trial)
-        total, per_reward, weights = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
-                                                     token_p=res.answer_scores.numpy(), class_factors=factors)
-        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps)
+        total, per_reward, weights, weighted = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
+                                                               token_p=res.answer_scores.numpy(),
+                                                               class_factors=factors)
+        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps,
+                                  weighted_part=weighted)
         mask = res.completion_mask.numpy()
         answer = np.zeros_like(mask)
         for i, row in enumerate(res.sequences.numpy()):

@@ -142,10 +142,10 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
         said_a = (sampler.random((len(batch), group)) < p_a[:, None]).astype(float)
         # The trainer's own rewards and advantages, on the completions these answers stand for.
         texts = [f"{think}<answer>{'A' if a else 'B'}</answer>" for a in said_a.reshape(-1)]
-        total, _, weights = compute_rewards(rewards_cfg, texts, batch, group, token_p=np.repeat(p_a, group),
-                                            class_factors=factors)
-        adv = weighted_advantages(total, weights, group, cfg.grpo.advantage_norm,
-                                  cfg.grpo.std_eps).reshape(len(batch), group)
+        total, _, weights, weighted = compute_rewards(rewards_cfg, texts, batch, group,
+                                                      token_p=np.repeat(p_a, group), class_factors=factors)
+        adv = weighted_advantages(total, weights, group, cfg.grpo.advantage_norm, cfg.grpo.std_eps,
+                                  weighted_part=weighted).reshape(len(batch), group)
         weight_a = paddle.to_tensor((adv * said_a).sum(1), dtype="float32")
         weight_b = paddle.to_tensor((adv * (1 - said_a)).sum(1), dtype="float32")
         log_sig = paddle.nn.functional.log_sigmoid

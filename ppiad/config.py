@@ -143,6 +143,8 @@ SCHEMA: dict = {
         "recompute": Field(False, bool, "recompute each decoder layer's activations in backward instead of "
                            "keeping them (less activation memory, ~1/3 more compute)"),
         "max_grad_norm": Field(1.0, float, "global gradient-norm clip (0 = off)"),
+        "max_bad_steps": Field(5, int, "a step whose loss or gradient is NaN/inf is skipped (no update, counted "
+                                       "in train/skipped_steps); this many in a row stop training (>= 1)"),
         "save_every": Field(100, int, "checkpoint every N optimizer steps"),
         "log_every": Field(1, int, "log scalars every N optimizer steps"),
         "resume": Field("", str, "checkpoint directory to resume from, or 'auto' for the latest of this run"),

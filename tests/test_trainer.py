@@ -96,7 +96,8 @@ def varied_rewards(monkeypatch):
     def fake(rewards_cfg, completions, samples, group_size, token_p=None, class_factors=None):
         total = np.array([float(len(t) % 7) for t in completions])
         zeros = np.zeros(len(completions))
-        return total, {"format": zeros, "accuracy": zeros, "focal": zeros}, np.ones(len(completions))
+        return rewards.RewardScores(total, {"format": zeros, "accuracy": zeros, "focal": zeros},
+                                    np.ones(len(completions)), zeros)
 
     monkeypatch.setattr(rewards, "compute_rewards", fake)
 

@@ -48,6 +48,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ppiad.prompt import parse_completion
+from ppiad.utils.seed import seeded
 
 ANSWER_OPEN = "<answer"
 # Names how answer scores are computed; part of an evaluation's identity (ppiad.eval.identity), so predictions
@@ -328,42 +329,57 @@ def _eval_mode(model) -> Iterator[None]:
             model.train()
 
 
-@contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
-    """A fixed seed for this call only: the global RNG state is put back afterwards."""
-    if seed is None:
-        yield
-        return
-    state = paddle.get_rng_state()
-    paddle.seed(seed)
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(state)
+_seeded = seeded   # a fixed Paddle seed for one call (ppiad.utils.seed.seeded)
+
+
+def sampling_scores(logits: paddle.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> paddle.Tensor:
+    """The scores sampling draws from: float32 [N, V] from float32 logits [N, V], removed tokens at -inf
+    (`sampling_probs` of the result = the sampling distribution).
+
+    The filters run in the order transformers' `generate` builds its warpers (4.51,
+    `GenerationMixin._get_logits_processor`): temperature (logits / T), top-k (keep the k highest), top-p
+    (sort ascending, drop tokens whose cumulative probability is <= 1 - top_p), min-p (drop tokens less likely
+    than min_p x the most likely one, on the distribution left by top-p); each keeps at least the top token.
+    The order matters: with probabilities [0.5, 0.2, 0.2, 0.1], top_p 0.75 and min_p 0.25 this keeps
+    [0.56, 0.22, 0.22, 0] (top-p first), min-p first would keep [0.71, 0.29, 0, 0]. Off: temperature 1,
+    top_k 0, top_p 1, min_p 0. tests/test_sampling.py checks it against transformers' own warpers.
+    """
+    neg = -float("inf")
+    scores = logits / temperature if temperature != 1.0 else logits
+    vocab = scores.shape[-1]
+    if top_k and 0 < top_k < vocab:
+        kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
+        scores = paddle.where(scores < kth, paddle.full_like(scores, neg), scores)
+    if top_p < 1.0:
+        order = paddle.argsort(scores, axis=-1)                                   # ascending
+        ascending = paddle.take_along_axis(scores, order, axis=-1)
+        cumulative = paddle.cumsum(F.softmax(ascending, axis=-1), axis=-1)
+        drop = (cumulative <= 1.0 - top_p).astype("float32")
+        drop[:, -1] = 0.0                                                         # keep the top token
+        drop = paddle.put_along_axis(paddle.zeros_like(drop), order, drop, axis=-1) > 0.5
+        scores = paddle.where(drop, paddle.full_like(scores, neg), scores)
+    if min_p > 0.0:
+        # p < min_p * p_max  <=>  score < max_score + log(min_p): no softmax needed
+        floor = paddle.max(scores, axis=-1, keepdim=True) + float(np.log(min_p))
+        scores = paddle.where(scores < floor, paddle.full_like(scores, neg), scores)
+    return scores
 
 
 def _pick(logits: paddle.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
           min_p: float = 0.0) -> paddle.Tensor:
-    """Next token per row from float32 logits [N, V]."""
+    """Next token per row from float32 logits [N, V]: argmax, or a draw from `sampling_scores`."""
     if not do_sample:
         return paddle.argmax(logits, axis=-1)
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_k and top_k > 0 and top_k < scores.shape[-1]:
-        kth = paddle.topk(scores, top_k, axis=-1)[0][:, -1:]
-        scores = paddle.where(scores < kth, paddle.full_like(scores, -float("inf")), scores)
-    if min_p > 0.0:
-        # min-p: drop tokens less likely than min_p x the top token's probability. In log space that is
-        # score < max_score + log(min_p), so no softmax is needed.
-        floor = paddle.max(scores, axis=-1, keepdim=True) + float(np.log(min_p))
-        scores = paddle.where(scores < floor, paddle.full_like(scores, -float("inf")), scores)
-    if top_p < 1.0:
-        sorted_scores, order = paddle.topk(scores, scores.shape[-1], axis=-1)  # descending
-        probs = F.softmax(sorted_scores, axis=-1)
-        drop = (paddle.cumsum(probs, axis=-1) - probs) > top_p  # keeps at least the top token
-        sorted_scores = paddle.where(drop, paddle.full_like(sorted_scores, -float("inf")), sorted_scores)
-        choice = paddle.multinomial(F.softmax(sorted_scores, axis=-1), 1)
-        return paddle.take_along_axis(order, choice, axis=-1)[:, 0]
-    return paddle.multinomial(F.softmax(scores, axis=-1), 1)[:, 0]
+    return paddle.multinomial(sampling_probs(sampling_scores(logits, temperature, top_k, top_p, min_p)), 1)[:, 0]
+
+
+def sampling_probs(scores: paddle.Tensor) -> paddle.Tensor:
+    """softmax over the last axis with exact zeros at -inf (Paddle's CPU softmax and exp leave 1e-28 / 1e-39
+    there, so a removed token could still be drawn)."""
+    e = paddle.exp(scores - paddle.max(scores, axis=-1, keepdim=True))
+    e = paddle.where(paddle.isinf(scores), paddle.zeros_like(e), e)
+    return e / e.sum(axis=-1, keepdim=True)
 
 
 def _banned_ids(model) -> paddle.Tensor:
@@ -568,8 +584,13 @@ def _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, r
 # Teacher-forced log-probs (GRPO update and reference policy)
 # ---------------------------------------------------------------------------------------------------------
 def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completion_mask: paddle.Tensor,
-                        num_samples: int, image_embeds: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+                        num_samples: int, image_embeds: Optional[paddle.Tensor] = None,
+                        temperature: float = 1.0) -> paddle.Tensor:
     """log p(sequences[r, j] | prompt, sequences[r, :j]) for every row, [N, T] float32, 0 where the mask is 0.
+
+    temperature T: the log-probs of the distribution softmax(logits / T), the one rollouts sampled from at T
+    (TRL's GRPO divides the logits by its sampling temperature the same way for the policy, old and reference
+    log-probs); T = 1 gives the model's own distribution. ValueError if T <= 0.
 
     The prompt is computed once per prompt, not once per completion: a forward over the B prompts
     (`use_cache=True`) gives the KV cache and the logits of the last prompt position (they predict
@@ -580,6 +601,8 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     current train/eval mode (LoRA dropout on the prompt is then shared by its G rows): call it under
     `adapters_disabled(model)` for the reference policy.
     """
+    if temperature <= 0:
+        raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
     core = _core(model)
     input_ids = inputs["input_ids"]
     attention_mask = inputs.get("attention_mask")
@@ -613,6 +636,8 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     out = model(input_ids=sequences.astype(input_ids.dtype), attention_mask=mask, position_ids=pos,
                 past_key_values=cache, use_cache=False)
     logits = paddle.concat([first, out.logits[:, :t - 1, :]], axis=1).astype("float32")   # [N, T, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     chosen = paddle.take_along_axis(logits, sequences.astype("int64").unsqueeze(-1), axis=-1)[..., 0]
     logp = chosen - paddle.logsumexp(logits, axis=-1)
     return logp * completion_mask.astype("float32")

@@ -184,6 +184,10 @@ def save_adapter(model: paddle.nn.Layer, directory: str) -> str:
     for name, layer in layers.items():
         tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = _to_numpy(layer.lora_A).T.copy()
         tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = _to_numpy(layer.lora_B).T.copy()
+    bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+    if bad:  # a NaN/inf adapter would silently turn every later answer into garbage
+        raise FloatingPointError(f"save_adapter: not writing {directory}: {len(bad)} adapter tensor(s) hold NaN "
+                                 f"or inf values: {_short(bad)}")
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, ADAPTER_WEIGHTS)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})

@@ -14,7 +14,7 @@ Rewards (see docs/method.md for the formulas and the focal analysis):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -155,19 +155,31 @@ def focal_reward(completions: Sequence[str], samples: Sequence, *, group_size: i
     return (mod * correct).tolist()
 
 
+class RewardScores(NamedTuple):
+    """What `compute_rewards` returns, all float64 [N]: feed it to `ppiad.rl.grpo.weighted_advantages(
+    total, advantage_weights, G, norm, eps, weighted_part=weighted_part)`."""
+
+    total: np.ndarray               # the reward r_i the group statistics are taken over
+    per_reward: dict                # name -> unweighted values of every reward (format, accuracy, focal)
+    advantage_weights: np.ndarray   # u_i, the focal modulation (1 unless focal.mode = advantage_weight)
+    weighted_part: np.ndarray       # the share of `total` that u_i scales: w_focal * correct_i (or zeros)
+
+
 def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: Sequence, group_size: int,
-                    token_p=None, class_factors: Mapping | None = None):
-    """Score N = B*G completions -> (total [N], per_reward {name: [N]}, advantage_weights [N]).
+                    token_p=None, class_factors: Mapping | None = None) -> RewardScores:
+    """Score N = B*G completions -> RewardScores(total, per_reward, advantage_weights, weighted_part).
 
     samples: one per completion (N), or one per prompt (N / G, repeated here for its G rows).
     per_reward holds the unweighted values of every reward (accuracy and focal always, for logging).
     focal.mode = reward:
-        total = w_format*format + w_acc*accuracy + w_focal*focal;  advantage_weights = 1.
+        total = w_format*format + w_acc*accuracy + w_focal*focal;  advantage_weights = 1, weighted_part = 0.
     focal.mode = advantage_weight: the focal reward is split into its two parts. Its "was it correct" part
-        stays in the reward, its modulation becomes a per-row weight applied after group normalisation:
-        total = w_format*format + w_acc*accuracy + w_focal*correct
+        stays in the reward, its modulation becomes a per-row weight on that part's advantage only:
+        total = w_format*format + w_acc*accuracy + w_focal*correct,  weighted_part = w_focal*correct
         advantage_weights = alpha * f[class] * (2 * (1 - p))^gamma
-        The focal modulation, pivoted at p = 1/2: a prompt the policy gets right half of the time keeps
+        The format and accuracy rewards' share of the advantage is never scaled, so a group without a
+        correct answer gets plain GRPO advantages (its weighted part is constant: zero advantage).
+        The modulation is pivoted at p = 1/2: a prompt the policy gets right half of the time keeps
         weight alpha * f for every gamma (so a gamma ablation does not turn into a step-size ablation);
         harder rows weigh up to 2^gamma times more, easier ones less. Not renormalised over the batch: a
         batch of one prompt (the paper's layout) would cancel the weight again. See docs/method.md.
@@ -200,13 +212,14 @@ def compute_rewards(rewards_cfg: Mapping, completions: Sequence[str], samples: S
     mode = focal_cfg["mode"]
     if mode not in ("reward", "advantage_weight"):
         raise ValueError(f"rewards.focal.mode must be reward or advantage_weight, got {mode!r}")
-    weights = np.ones(n)
+    weights, weighted = np.ones(n), np.zeros(n)
     if mode == "reward":
         total = total + rewards_cfg["focal_weight"] * focal
     elif rewards_cfg["focal_weight"] != 0:  # advantage_weight; with the focal reward off, nothing to weigh
-        total = total + rewards_cfg["focal_weight"] * acc
+        weighted = rewards_cfg["focal_weight"] * acc
+        total = total + weighted
         weights = mod * 2.0 ** focal_cfg["gamma"]  # (1 - p)^gamma -> (2 (1 - p))^gamma: the p = 1/2 pivot
-    return total, per_reward, weights
+    return RewardScores(total, per_reward, weights, weighted)
 
 
 def factors_from_config(focal_cfg: Mapping, samples=None) -> dict:

@@ -3,9 +3,10 @@
 One optimizer step, on every process (rank) with its own share of the prompts:
 1. rollouts, for each of `grad_accum_steps` micro-batches of `prompts_per_device` prompts: G completions per
    prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`),
-   group advantages times the focal advantage weights (`grpo.weighted_advantages`), and the reference
+   group advantages with the focal weights on their correctness part (`grpo.weighted_advantages`), the reference
    log-probs (same network, adapters disabled, no gradient);
-2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on),
+2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on with
+   masks seeded per micro-batch, logits / grpo.temperature as in the rollout),
    `grpo.grpo_loss`, backward; token averaging divides by the completion tokens of the whole step, so the
    accumulated gradient equals that of one big batch (sequence averaging divides by grad_accum_steps);
 3. gradient clip, AdamW on the LoRA parameters only, learning-rate schedule step.
@@ -33,7 +34,11 @@ import paddle
 from ppiad.config import Config, ConfigError, require, save_config
 from ppiad.rl import checkpoint as ckpt
 from ppiad.utils import distributed
-from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything
+from ppiad.utils.seed import derive_seed, get_rng_state, seed_everything, seeded
+
+
+class TrainingDiverged(RuntimeError):
+    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient."""
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -285,15 +290,27 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         shared_embeds = res.image_embeds if self.share_image_embeds else None
         token_p = res.answer_scores.numpy()
-        total, per_reward, weights = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
-                                                     token_p=token_p, class_factors=self.class_factors)
-        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps)
+        total, per_reward, weights, weighted = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
+                                                               token_p=token_p, class_factors=self.class_factors)
+        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps,
+                                  weighted_part=weighted)
         ref = None
         if g.beta != 0.0:  # with beta = 0 the loss has no KL term: skip the reference pass (~20% of a step)
             core.eval()
             with paddle.no_grad(), adapters_disabled(core), self._autocast():
                 ref = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
-                                          image_embeds=shared_embeds).detach()
+                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
+        # The update's LoRA dropout masks are drawn from this seed for each of the block's k updates, so the
+        # ratio measures the change of the parameters only. With k > 1 the old log-probs are recomputed in the
+        # update's own mode, masks and temperature (the rollout ran without dropout): ratio == 1 exactly at
+        # the block's first update. With k = 1 the loss uses logp.detach(), also exactly 1.
+        dropout_seed = derive_seed(cfg.seed, "dropout", step, micro, self.env.rank)
+        old = None
+        if g.num_iterations > 1:
+            core.train()
+            with paddle.no_grad(), seeded(dropout_seed), self._autocast():
+                old = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
+                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
         t2 = time.perf_counter()
         groups = np.asarray(total).reshape(-1, g.num_generations)
         stats = {
@@ -308,7 +325,7 @@ class GRPOTrainer:
             stats[f"reward/{name}"] = float(np.mean(values))
         stats.update(answer_p_by_class(token_p, batch, g.num_generations))
         return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
-                "old_logp": res.logprobs if g.num_iterations > 1 else None, "ref_logp": ref,
+                "old_logp": old, "ref_logp": ref, "dropout_seed": dropout_seed,
                 "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
                 "seconds_rollout": t1 - t0, "seconds_reference": t2 - t1}
 
@@ -329,9 +346,10 @@ class GRPOTrainer:
             defer = not last and hasattr(self.wrapped, "no_sync")
             sync = self.wrapped.no_sync() if defer else contextlib.nullcontext()
             with sync:
-                with self._autocast():
+                with self._autocast(), seeded(mb["dropout_seed"]):
                     logp = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"], mb["mask"],
-                                               g.num_generations, image_embeds=mb["image_embeds"])
+                                               g.num_generations, image_embeds=mb["image_embeds"],
+                                               temperature=g.temperature)
                 loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"],
                                      epsilon=g.epsilon, beta=g.beta, averaging=g.loss_averaging,
                                      normalizer=n_tokens)
@@ -345,11 +363,14 @@ class GRPOTrainer:
         # (over all processes and over both LoRA+ parameter groups) under every sharding setting.
         distributed.combine_gradients(self.trainable, self.env)
         grad_norm = distributed.clip_grad_norm(self.trainable, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
+        finite = self._all_ranks(math.isfinite(agg.get("loss", 0.0)) and math.isfinite(grad_norm))
+        if finite:  # else: skip the update (the schedule still advances with the step count)
+            self.optimizer.step()
         self.optimizer.clear_grad()
         distributed.release_gathered(self.wrapped)  # stage 3: frozen weights backward gathered go back to 1/N
         self.scheduler.step()
         agg["grad_norm"] = grad_norm
+        agg["skipped"] = 0.0 if finite else 1.0
         agg["seconds_update"] = time.perf_counter() - t0
         return agg
 
@@ -384,6 +405,9 @@ class GRPOTrainer:
         self.env = distributed.init(cfg.distributed.sharding)
         self.bf16 = _bf16_on_gpu(cfg)
         check_rollout_sampling(cfg.grpo)
+        if cfg.train.max_bad_steps < 1:
+            raise ConfigError(f"config key 'train.max_bad_steps' must be >= 1, got {cfg.train.max_bad_steps}")
+        self.skipped_steps, self.bad_streak = 0, 0
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
         self.samples = self._load_samples()
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
@@ -460,7 +484,12 @@ class GRPOTrainer:
         self.log.info(f"resumed from {path} at step {state.step}")
 
     def _save(self, step: int, metrics: dict) -> str:
-        from ppiad.models.lora import save_adapter
+        from ppiad.models.lora import lora_state_dict, save_adapter
+
+        bad = [n for n, t in lora_state_dict(self.core).items() if not bool(paddle.isfinite(t).all())]
+        if bad:  # checked on every rank before any file is written (save_adapter checks again)
+            raise FloatingPointError(f"not saving the step-{step} checkpoint: {len(bad)} adapter tensor(s) hold "
+                                     f"NaN or inf values, e.g. {bad[0]}")
 
         path = ckpt.save_checkpoint(
             self.run_dir, step, trainable_state=lambda d: save_adapter(self.core, d), optimizer=self.optimizer,
@@ -470,6 +499,31 @@ class GRPOTrainer:
             barrier=lambda: distributed.barrier(self.env))
         self.log.info(f"checkpoint {path}")
         return path
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank (they must take the same branch)."""
+        if self.env.enabled:
+            t = paddle.to_tensor([1.0 if ok else 0.0])
+            paddle.distributed.all_reduce(t, op=paddle.distributed.ReduceOp.MIN)
+            ok = bool(float(t) > 0)
+        return ok
+
+    def _check_bad_step(self, step: int, upd: dict) -> str:
+        """Count a skipped (non-finite) step; after train.max_bad_steps in a row, the message to stop with."""
+        if not upd.pop("skipped"):
+            self.bad_streak = 0
+            return ""
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        self.log.info(f"step {step}: loss {upd.get('loss')} / gradient norm {upd.get('grad_norm')} not finite: "
+                      f"update skipped ({self.bad_streak} in a row, {self.skipped_steps} in this run)")
+        limit = self.cfg.train.max_bad_steps
+        if self.bad_streak < limit:
+            return ""
+        return (f"training stopped at step {step}: {self.bad_streak} steps in a row had a NaN/inf loss or gradient "
+                f"(train.max_bad_steps={limit}); nothing was saved from them, the last checkpoint in "
+                f"{os.path.join(self.run_dir, ckpt.CHECKPOINTS)} is intact. Lower train.learning_rate, or check "
+                f"the data and model.dtype")
 
     def _stop_requested(self, stop) -> bool:
         flag = bool(stop is not None and stop.requested)
@@ -503,10 +557,15 @@ class GRPOTrainer:
                 lr = self.optimizer.get_lr()
                 upd = self._update(buffer)
                 step += 1
-                metrics = {**roll_stats, **upd, "lr": lr, "seconds_per_step": time.perf_counter() - t0}
+                diverged = self._check_bad_step(step, upd)
+                metrics = {**roll_stats, **upd, "lr": lr, "skipped_steps": self.skipped_steps,
+                           "seconds_per_step": time.perf_counter() - t0}
                 metrics = distributed.all_reduce_mean(metrics, self.env)
-                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                if step % cfg.train.log_every == 0 or step == self.total_steps or diverged:
                     self.log.scalars(step, metrics)
+                if diverged:
+                    self.log.close()
+                    raise TrainingDiverged(diverged)
                 self.log.advance(1, {"loss": metrics["loss"], "reward": metrics.get("reward/total", float("nan"))})
                 at_block_end = step % k == 0
                 stop_now = self._stop_requested(stop)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import numpy as np
 import paddle
@@ -19,6 +21,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     paddle.seed(seed)
+
+
+@contextmanager
+def seeded(seed: Optional[int]) -> Iterator[None]:
+    """Paddle's generator seeded with `seed` for the block only; its state is put back afterwards (None = no
+    change). Two blocks with the same seed and the same random ops draw the same numbers (dropout masks)."""
+    if seed is None:
+        yield
+        return
+    state = paddle.get_rng_state()
+    paddle.seed(seed)
+    try:
+        yield
+    finally:
+        paddle.set_rng_state(state)
 
 
 def derive_seed(*parts) -> int:
