@@ -618,6 +618,14 @@ class GRPOTrainer:
         if cfg.model.dtype == "bfloat16" and not self.bf16:
             self.log.info("model.dtype=bfloat16 needs a GPU (Paddle's CPU kernels have no bf16 matmul): "
                           "training in float32")
+        self.val_samples, self.best = [], None
+        if cfg.train.eval_every > 0:
+            from ppiad.rl.validation import BestKeeper, validation_samples
+
+            self.val_samples = validation_samples(cfg)
+            self.best = BestKeeper(self.run_dir, cfg.train.save_best_metric) if cfg.train.save_best else None
+        elif cfg.train.save_best:
+            raise ConfigError("train.save_best needs train.eval_every > 0 (the evaluations pick the best)")
         if resume:
             self._resume(resume)
         elif cfg.train.resume == "auto":
@@ -669,6 +677,32 @@ class GRPOTrainer:
             barrier=lambda: distributed.barrier(self.env))
         self.log.info(f"checkpoint {path}")
         return path
+
+    def _validate(self, step: int) -> dict:
+        """Greedy evaluation on the run's held-out subset -> VisualDL eval/*; with train.save_best the adapter
+        of the best evaluation so far goes to <run>/best (rl.validation)."""
+        from ppiad.models.lora import save_adapter
+        from ppiad.rl.validation import evaluate_policy
+
+        t0 = time.perf_counter()
+        with self._autocast():
+            result = evaluate_policy(self.core, self.processor, self.val_samples, self.cfg, self.env)
+        self.core.train()
+        self.log.scalars(step, {**result, "seconds": time.perf_counter() - t0}, prefix="eval")
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None)
+        self.log.info(f"step {step}: held-out ({len(self.val_samples)} images) {shown}")
+        if self.best is not None and self.env.is_main and self.best.offer(step, result,
+                                                                          lambda d: save_adapter(self.core, d)):
+            self.log.info(f"step {step}: best {self.best.metric} so far ({result[self.best.metric]:.4f}), adapter "
+                          f"in {self.best.dir}")
+        return result
+
+    def _log_samples(self, step: int, mb: dict) -> None:
+        """The first prompt's image and its rollouts (completions, rewards, advantages) to VisualDL."""
+        from ppiad.rl.validation import sample_text
+
+        self.log.text(step, "samples/rollouts", sample_text(mb, self.cfg.grpo.num_generations))
+        self.log.image(step, "samples/image", mb["images"][0])
 
     def _all_ranks(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (they must take the same branch)."""
@@ -733,6 +767,10 @@ class GRPOTrainer:
                 self.log.advance(1, {"loss": metrics["loss"], "reward": metrics.get("reward/total", float("nan"))})
                 at_block_end = step % k == 0
                 stop_now = self._stop_requested(stop)
+                if roll_stats and cfg.train.log_samples_every > 0 and step % cfg.train.log_samples_every == 0:
+                    self._log_samples(step, buffer[0])
+                if cfg.train.eval_every > 0 and (step % cfg.train.eval_every == 0 or step == self.total_steps):
+                    self._validate(step)
                 if at_block_end and (step % cfg.train.save_every == 0 or step == self.total_steps or stop_now):
                     last_saved = self._save(step, metrics)
                 if stop_now and at_block_end:
