@@ -100,7 +100,9 @@ class BestKeeper:
         info = os.path.join(self.dir, "best.json")
         if os.path.isfile(info):
             with open(info, encoding="utf-8") as f:
-                self.best = json.load(f)["metrics"].get(metric)
+                saved = json.load(f)
+            if saved.get("metric") == metric:   # another metric: its best says nothing about this one
+                self.best = saved["metrics"].get(metric)
 
     def better(self, value) -> bool:
         if value is None or not np.isfinite(value):
