@@ -189,7 +189,8 @@ def _train(out_dir, sharding, assets, head):
     def fake_rewards(rewards_cfg, completions, batch, group_size, token_p=None, class_factors=None):
         total = np.array([float(len(t) % 7) for t in completions])
         zeros = np.zeros(len(completions))
-        return total, {"format": zeros, "accuracy": zeros, "focal": zeros}, np.ones(len(completions))
+        return rewards.RewardScores(total, {"format": zeros, "accuracy": zeros, "focal": zeros},
+                                    np.ones(len(completions)), zeros)
 
     rewards.compute_rewards = fake_rewards
     decode_steps, real_generate = [], generation.generate
