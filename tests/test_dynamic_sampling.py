@@ -133,7 +133,7 @@ def test_two_processes_agree_on_the_draws_and_the_held_out_figures(assets, tmp_p
            os.path.join(root, "configs", "tiny_cpu.yaml"), "-o",
            *tiny_overrides(assets, str(out), "dist", "train.max_steps=2", "grpo.dynamic_sampling=true",
                            "grpo.max_resample_factor=3", "grpo.scale_rewards=batch", "train.eval_every=2",
-                           "train.eval_images=6", f"data.eval.root={assets['data']}", "data.eval.dataset=mvtec",
+                           "train.eval_images=7", f"data.eval.root={assets['data']}", "data.eval.dataset=mvtec",
                            "eval.max_new_tokens=12")]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     logs = ""
@@ -146,5 +146,6 @@ def test_two_processes_agree_on_the_draws_and_the_held_out_figures(assets, tmp_p
     assert digests[0] == digests[1]
     rows = _metrics(str(run))
     assert all(2.0 <= m["sampling/prompts_drawn"] <= 6.0 for m in rows if "sampling/prompts_drawn" in m)
-    assert "held-out (6 images)" in texts[0]
+    assert "held-out (7 images)" in texts[0]
+    assert [m["eval/n"] for m in rows if "eval/n" in m] == [7.0]   # no image dropped by the split
     assert [m["step"] for m in rows if "eval/invalid_rate" in m] == [2]

@@ -367,8 +367,6 @@ class GRPOTrainer:
 
     def _regroup(self, rounds: list, picks: list) -> dict:
         """A micro-batch made of the groups `picks` [(round index, prompt index)] of `rounds`."""
-        from ppiad.data.images import load_image  # noqa: F401  (images are kept from the rollout)
-
         G, pad = self.cfg.grpo.num_generations, int(self.processor.eos_token_ids[0])
         width = max(int(rounds[ri]["sequences"].shape[1]) for ri, _ in picks)
 

@@ -60,7 +60,7 @@ def validation_samples(cfg: Config) -> list:
 def evaluate_policy(model, processor, samples: list, cfg: Config, env) -> dict:
     """Greedy evaluation of `model` (with its adapters) on `samples`, split over the processes and gathered:
     {f1_macro, auroc, accuracy, balanced_accuracy, false_alarm_rate, invalid_rate} (fractions; auroc None
-    without scores or without both classes)."""
+    without scores or without both classes) and n (images evaluated)."""
     import paddle
 
     from ppiad.eval.metrics import evaluate, false_alarm_rate
@@ -68,17 +68,22 @@ def evaluate_policy(model, processor, samples: list, cfg: Config, env) -> dict:
     from ppiad.eval.runner import _record, try_load
 
     predictor = ModelPredictor(model, processor, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
-    mine = distributed.shard_samples(samples, env.rank, env.world_size)
+    # Every process takes every world_size-th image, none dropped; a process with one image fewer repeats its
+    # last one (result discarded), so all make the same generate calls (stage 3 needs that).
+    world, rank = max(env.world_size, 1), env.rank
+    mine = list(samples[rank::world]) if world > 1 else list(samples)
+    per_rank = -(-len(samples) // world)
+    real = len(mine)
+    mine += [mine[-1] if mine else samples[0]] * (per_rank - real)
+    bit_depth = (cfg.data.val if cfg.data.val.root else cfg.data.eval).bit_depth
     records, bs = [], max(1, cfg.eval.batch_size)
     model.eval()
     for i in range(0, len(mine), bs):
-        chunk = mine[i:i + bs]
-        loaded = [(s, *try_load(s.path, (cfg.data.val if cfg.data.val.root else cfg.data.eval).bit_depth))
-                  for s in chunk]
-        ok = [(s, img) for s, img, err in loaded if img is not None]
-        preds = predictor.predict([img for _, img in ok], [s.object_name for s, _ in ok]) if ok else []
-        records += [_record(s, p) for (s, _), p in zip(ok, preds)]
-        records += [_record(s, error=err) for s, img, err in loaded if img is None]
+        loaded = [(j, s, *try_load(s.path, bit_depth)) for j, s in enumerate(mine[i:i + bs], start=i)]
+        ok = [(j, s, img) for j, s, img, err in loaded if img is not None]
+        preds = predictor.predict([img for _, _, img in ok], [s.object_name for _, s, _ in ok]) if ok else []
+        records += [_record(s, p) for (j, s, _), p in zip(ok, preds) if j < real]
+        records += [_record(s, error=err) for j, s, img, err in loaded if img is None and j < real]
     if env.enabled:
         gathered: list = []
         paddle.distributed.all_gather_object(gathered, records)
@@ -86,6 +91,7 @@ def evaluate_policy(model, processor, samples: list, cfg: Config, env) -> dict:
     overall = evaluate(records)["overall"]
     out = {k: overall.get(k) for k in EVAL_KEYS if k != "false_alarm_rate"}
     out["false_alarm_rate"] = false_alarm_rate(overall)
+    out["n"] = overall["n"]
     return out
 
 
