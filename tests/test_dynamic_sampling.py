@@ -29,10 +29,15 @@ def defect_only_signal(monkeypatch):
     monkeypatch.setattr(rewards, "compute_rewards", fake)
 
 
-def _trainer(cfg, seen):
+def _trainer(cfg, seen, drawn=None):
     from ppiad.rl.trainer import GRPOTrainer
 
     class Watch(GRPOTrainer):
+        def _sample(self, step, micro, batch, draw=0):
+            if drawn is not None:
+                drawn.setdefault(step, []).extend(s.path for s in batch)
+            return super()._sample(step, micro, batch, draw)
+
         def _update(self, buffer):
             seen.append([s.is_defect for mb in buffer for s in mb["samples"]])
             return super()._update(buffer)
@@ -43,15 +48,17 @@ def _trainer(cfg, seen):
 def test_dynamic_sampling_trains_on_informative_groups_and_logs_the_draws(assets, tmp_path, defect_only_signal):
     from ppiad.config import load_config
 
-    seen = []
+    seen, drawn = [], {}
     cfg = load_config(None, tiny_overrides(assets, str(tmp_path), "ds", "train.max_steps=4",
                                            "grpo.dynamic_sampling=true", "grpo.max_resample_factor=8"))
-    _trainer(cfg, seen).train()
+    _trainer(cfg, seen, drawn).train()
+    assert all(len(paths) == len(set(paths)) for paths in drawn.values())   # no image twice in a step
     # 24 images, 6 defect: with up to 8 x 2 prompts drawn per step the two informative groups are found
     assert seen == [[True, True]] * 4
     rows = _metrics(os.path.join(str(tmp_path), "ds"))
     for m in rows:
         assert m["sampling/informative_groups"] == 2.0
+        assert m["sampling/prompts_drawn"] == len(drawn[m["step"] - 1])
         assert 2.0 <= m["sampling/prompts_drawn"] <= 16.0
         # a step draws more than its 2 planned prompts exactly when a planned one was normal (zero spread)
         assert (m["sampling/prompts_drawn"] > 2.0) == (m["frac_reward_zero_std"] > 0.0)

@@ -325,8 +325,8 @@ class GRPOTrainer:
 
         Without dynamic sampling: the plan's prompts, one `_sample` per micro-batch. With it (DAPO), groups
         whose rewards are all equal are set aside and further prompts drawn (at random from this rank's share
-        of the training partition, seeded by (seed, step, draw, rank), so a resumed run draws the same ones;
-        the regular data order is untouched) until the step has `prompts_per_step` informative groups or
+        of the training partition, none twice in a step, seeded by (seed, step, draw, rank), so a resumed run
+        draws the same ones; the regular data order is untouched) until the step has `prompts_per_step` informative groups or
         `max_resample_factor` x prompts_per_step prompts were drawn; the rest is filled with set-aside groups
         (advantages 0: they add only the KL term). The number of draws is decided over all processes (one
         all-reduce per draw), so every process runs the same number of generation rounds and micro-batches.
@@ -349,8 +349,12 @@ class GRPOTrainer:
                 if missing <= 0:
                     break
                 draw += 1
+                used = {s.path for r in rounds for s in r["samples"]}
+                free = [s for s in pool if s.path not in used]   # no image twice in one step
+                if not free:
+                    break   # the same on every process: their shares have equal sizes and equal draws
                 rng = np.random.default_rng(derive_seed(cfg.seed, "redraw", step, draw, self.env.rank) % (2 ** 63))
-                extra = [pool[i] for i in rng.choice(len(pool), size=min(missing, len(pool)), replace=False)]
+                extra = [free[i] for i in rng.choice(len(free), size=min(missing, len(free)), replace=False)]
                 for m in range(0, len(extra), n):
                     rounds.append(self._sample(step, m // n, extra[m:m + n], draw=draw))
                 drawn += len(extra)
