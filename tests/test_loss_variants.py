@@ -144,3 +144,15 @@ def test_config_keys_renamed_and_resolved():
     assert check_grpo_objective(cfg.grpo)[0] == "batch"
     with pytest.raises(ConfigError, match="grpo.epsilon_high"):
         check_grpo_objective(load_config(None, ["grpo.epsilon_high=0"]).grpo)
+
+
+def test_token_entropy_against_numpy():
+    from ppiad.models.generation import token_entropy
+
+    z = np.random.default_rng(0).normal(size=(3, 4, 7)).astype("float32") * 3
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(token_entropy(t(z)).numpy(), -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-6)
+    # uniform over 7 tokens: log 7; one certain token: 0
+    assert token_entropy(t(np.zeros((1, 1, 7)))).numpy()[0, 0] == pytest.approx(math.log(7), rel=1e-6)
+    assert token_entropy(t([[[0.0, -1e4, -1e4]]])).numpy()[0, 0] == pytest.approx(0.0, abs=1e-6)

@@ -646,8 +646,16 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     logp = (chosen - lse) * completion_mask.astype("float32")
     if not return_entropy:
         return logp
-    with paddle.no_grad():   # H = logsumexp(z) - sum softmax(z) z, from the logits already computed, one row
-        z = logits.detach()  # at a time so the extra memory is one [T, V] slice, not another [N, T, V] tensor
-        mean_z = paddle.stack([(paddle.nn.functional.softmax(z[r], axis=-1) * z[r]).sum(axis=-1) for r in range(n)])
-        entropy = (lse.detach() - mean_z) * completion_mask.astype("float32")
-    return logp, entropy
+    return logp, token_entropy(logits, lse) * completion_mask.astype("float32")
+
+
+def token_entropy(logits: paddle.Tensor, lse: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """Entropy in nats of softmax(logits) at each position, [N, T] float32 without gradient, for logits
+    [N, T, V]: H = logsumexp(z) - sum_v softmax(z)_v z_v. One row at a time, so the extra memory is one
+    [T, V] slice, not another [N, T, V] tensor. `lse`: logsumexp(logits, -1) when already computed."""
+    with paddle.no_grad():
+        z = logits.detach().astype("float32")
+        lse = paddle.logsumexp(z, axis=-1) if lse is None else lse.detach()
+        mean_z = paddle.stack([(paddle.nn.functional.softmax(z[r], axis=-1) * z[r]).sum(axis=-1)
+                               for r in range(z.shape[0])])
+        return lse - mean_z
