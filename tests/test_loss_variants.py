@@ -156,3 +156,17 @@ def test_token_entropy_against_numpy():
     # uniform over 7 tokens: log 7; one certain token: 0
     assert token_entropy(t(np.zeros((1, 1, 7)))).numpy()[0, 0] == pytest.approx(math.log(7), rel=1e-6)
     assert token_entropy(t([[[0.0, -1e4, -1e4]]])).numpy()[0, 0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_std_spans_every_micro_batch_of_the_step():
+    from ppiad.rl.trainer import GRPOTrainer
+    from ppiad.utils.distributed import DistEnv
+
+    tr = object.__new__(GRPOTrainer)
+    tr.scale_rewards = "batch"
+    tr.env = DistEnv()   # one process
+    buffer = [{"total": np.array([1.0, 0, 0, 0])}, {"total": np.array([2.0, 2, 0, 0])}]
+    # the 8 rewards of the step (test_scale_rewards_group_batch_none): std sqrt(5.875 / 7) = 0.916125
+    assert tr._step_reward_std(buffer) == pytest.approx(0.916125, rel=1e-5)
+    tr.scale_rewards = "group"
+    assert tr._step_reward_std(buffer) is None
