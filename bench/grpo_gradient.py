@@ -32,6 +32,7 @@ from ppiad.models.generation import AnswerTokens, completion_logprobs, generate 
 from ppiad.models.lora import apply_lora, lora_layers, lora_parameters  # noqa: E402
 from ppiad.models import AutoModel, AutoProcessor  # noqa: E402
 from ppiad.rl.grpo import grpo_loss, weighted_advantages  # noqa: E402
+from ppiad.rl.trainer import check_grpo_objective  # noqa: E402
 from ppiad.rl.rewards import compute_rewards, factors_from_config  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main() -> int:
         total, per_reward, weights, weighted = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
                                                                token_p=res.answer_scores.numpy(),
                                                                class_factors=factors)
-        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps,
+        adv = weighted_advantages(total, weights, g.num_generations, check_grpo_objective(g)[0], g.std_eps,
                                   weighted_part=weighted)
         mask = res.completion_mask.numpy()
         answer = np.zeros_like(mask)

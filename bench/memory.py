@@ -61,11 +61,11 @@ def _worker(args) -> None:
     probe = {}
 
     class Probe(GRPOTrainer):
-        def _rollout(self, step, micro, batch):
-            if micro == 0:
+        def _sample(self, step, micro, batch, draw=0):
+            if micro == 0 and draw == 0:
                 core.host_memory_stat_reset_peak_value("Allocated", 0)
                 probe["start"] = core.host_memory_stat_current_value("Allocated", 0)
-            res = super()._rollout(step, micro, batch)
+            res = super()._sample(step, micro, batch, draw)
             probe["prompt_tokens"] = int(res["inputs"]["input_ids"].shape[1])
             return res
 

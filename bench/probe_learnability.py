@@ -120,6 +120,7 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
     from ppiad.models.lora import apply_lora, lora_parameters
     from ppiad.rl.grpo import weighted_advantages
     from ppiad.rl.rewards import compute_rewards, factors_from_config
+    from ppiad.rl.trainer import check_grpo_objective
 
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, targets)
     optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=lora_parameters(model), weight_decay=0.0)
@@ -143,7 +144,7 @@ def probe_policy(cfg, model, processor, train, test, steps: int, lr: float, targ
         texts = [f"{think}<answer>{'A' if a else 'B'}</answer>" for a in said_a.reshape(-1)]
         total, _, weights, weighted = compute_rewards(rewards_cfg, texts, batch, group,
                                                       token_p=np.repeat(p_a, group), class_factors=factors)
-        adv = weighted_advantages(total, weights, group, cfg.grpo.advantage_norm, cfg.grpo.std_eps,
+        adv = weighted_advantages(total, weights, group, check_grpo_objective(cfg.grpo)[0], cfg.grpo.std_eps,
                                   weighted_part=weighted).reshape(len(batch), group)
         weight_a = paddle.to_tensor((adv * said_a).sum(1), dtype="float32")
         weight_b = paddle.to_tensor((adv * (1 - said_a)).sum(1), dtype="float32")

@@ -63,6 +63,8 @@ SCHEMA: dict = {
     "data": {
         "train": _partition("mvtec", "training data"),
         "eval": _partition("visa", "evaluation data"),
+        "val": _partition("visa", "validation data evaluated during training (train.eval_every); empty root = "
+                          "data.eval"),
         "object_names": Field({}, dict, "category -> object name used in the prompt "
                               "(default: the category name with underscores as spaces)"),
         "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)"),
@@ -124,11 +126,24 @@ SCHEMA: dict = {
                       "pass (no KL term, none logged)"),
         "epsilon": Field(0.2, float, "clipping range of the probability ratio"),
         "num_iterations": Field(1, int, "policy updates per rollout batch"),
-        "advantage_norm": Field("std", str, "group normalisation of rewards", ("std", "mean_only")),
+        "scale_rewards": Field("auto", str, "divisor of the group-centred rewards: group = the group's std "
+                               "(the paper's), batch = the std of all rewards of the optimizer step, none = no "
+                               "division (Dr. GRPO); auto = none with loss_type dr_grpo, else group",
+                               ("auto", "group", "batch", "none")),
         "std_eps": Field(1e-4, float, "epsilon added to the group std"),
-        "loss_averaging": Field("token", str, "token = sum over all completion tokens of the batch / their "
-                                "number (DAPO/TRL); sequence = mean per completion, then mean (original GRPO)",
-                                ("token", "sequence")),
+        "loss_type": Field("bnpo", str, "reduction over completion tokens: bnpo = sum over all completion tokens "
+                           "of the step / their number (DAPO; TRL's default); grpo = mean per completion, then mean "
+                           "(original GRPO); dr_grpo = sum / (completions x max_new_tokens) (Dr. GRPO)",
+                           ("grpo", "bnpo", "dr_grpo")),
+        "epsilon_high": Field(-1.0, float, "upper clipping range of the ratio, 1 + epsilon_high (DAPO's clip-higher, "
+                              "e.g. 0.28); -1 = grpo.epsilon"),
+        "mask_truncated_completions": Field(False, bool, "completions that reach max_new_tokens without a stop "
+                                            "token add no loss (DAPO's overlong filtering)"),
+        "dynamic_sampling": Field(False, bool, "drop groups whose rewards are all equal (no signal) and draw further "
+                                  "prompts from the data stream until the step has its batch of informative groups "
+                                  "(DAPO)"),
+        "max_resample_factor": Field(3, int, "dynamic sampling: at most this many times the step's prompts are "
+                                     "drawn; a step that still lacks informative groups trains on those it has"),
         "temperature": Field(1.0, float, "rollout sampling temperature"),
         "top_p": Field(1.0, float, "rollout nucleus sampling threshold"),
         "top_k": Field(0, int, "rollout top-k (0 = off)"),
@@ -158,6 +173,18 @@ SCHEMA: dict = {
         "save_every": Field(100, int, "checkpoint every N optimizer steps"),
         "log_every": Field(1, int, "log scalars every N optimizer steps"),
         "resume": Field("", str, "checkpoint directory to resume from, or 'auto' for the latest of this run"),
+        "eval_every": Field(0, int, "evaluate on held-out images every N optimizer steps (greedy, ppiad.eval; "
+                            "VisualDL eval/*); 0 = off"),
+        "eval_images": Field(60, int, "held-out images of those evaluations: a fixed class-stratified subset of "
+                             "data.val (when its root is set) or data.eval; -1 = all"),
+        "save_best": Field(False, bool, "keep the checkpoint with the best train.save_best_metric in "
+                           "<run>/checkpoints/best (needs train.eval_every)"),
+        "save_best_metric": Field("f1_macro", str, "metric that picks the best checkpoint (higher is better; "
+                                  "false_alarm_rate and invalid_rate: lower)",
+                                  ("f1_macro", "auroc", "accuracy", "balanced_accuracy", "false_alarm_rate",
+                                   "invalid_rate")),
+        "log_samples_every": Field(0, int, "every N steps the first prompt's rollouts (image, object, completions, "
+                                   "rewards, advantages) go to VisualDL as text and image; 0 = off"),
     },
     "distributed": {
         "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs (stage3 runs on CPU "
@@ -218,7 +245,16 @@ def defaults(schema: dict = SCHEMA) -> Config:
     return Config({k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()})
 
 
+# keys that were renamed: using the old one stops with the new one's name and how the values map
+RENAMED = {
+    "grpo.loss_averaging": "grpo.loss_type (token -> bnpo, sequence -> grpo)",
+    "grpo.advantage_norm": "grpo.scale_rewards (std -> group, mean_only -> none)",
+}
+
+
 def _unknown_key(key: str, level: dict) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"config key '{key}' was renamed: use {RENAMED[key]}")
     valid = sorted(level)
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""

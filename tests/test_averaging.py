@@ -80,6 +80,9 @@ def test_two_processes_give_the_one_process_gradient(tmp_path):
         np.testing.assert_allclose(r["two_process"], r["one_process"], rtol=1e-5, atol=1e-7)
         # dividing by the local count (the old way) gives another gradient
         assert not np.allclose(r["local_normaliser"], r["one_process"], rtol=1e-3)
+        for loss_type in ("grpo", "dr_grpo"):   # the other loss types' divisors (issue 16)
+            np.testing.assert_allclose(r[f"two_process/{loss_type}"], r[f"one_process/{loss_type}"], rtol=1e-5,
+                                       atol=1e-7, err_msg=loss_type)
 
 
 def _worker(out_dir):
@@ -98,12 +101,12 @@ def _worker(out_dir):
     adv = np.array([1.0, -0.5, 0.7, -1.2], dtype="float32")
     ref = rng.normal(size=(4, 6)).astype("float32") * 0.1 - 1.0
 
-    def loss_of(layer, rows, normalizer):
+    def loss_of(layer, rows, normalizer, loss_type="bnpo"):
         logits = layer(paddle.to_tensor(feats[rows]))
         logp = paddle.take_along_axis(paddle.nn.functional.log_softmax(logits, -1),
                                       paddle.to_tensor(tokens[rows]).unsqueeze(-1), -1)[..., 0]
         loss, _ = grpo_loss(logp, None, paddle.to_tensor(ref[rows]), adv[rows], mask[rows], beta=0.04,
-                            normalizer=normalizer)
+                            normalizer=normalizer, loss_type=loss_type)
         return loss
 
     def fresh():
@@ -122,6 +125,18 @@ def _worker(out_dir):
         loss_of(wrapped, rows, norm).backward()                # DataParallel averages the gradients
         distributed.combine_gradients(layer.parameters(), env)
         results[key] = layer.weight.grad.numpy().ravel().tolist()
+    from ppiad.rl.grpo import loss_normalizer_units
+
+    for loss_type in ("grpo", "dr_grpo"):
+        single = fresh()
+        loss_of(single, [0, 1, 2, 3], loss_normalizer_units(mask, loss_type, 6), loss_type).backward()
+        results[f"one_process/{loss_type}"] = single.weight.grad.numpy().ravel().tolist()
+        layer = fresh()
+        wrapped, _ = distributed.wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), env)
+        norm = token_normalizer(loss_normalizer_units(mask[rows], loss_type, 6), env)
+        loss_of(wrapped, rows, norm, loss_type).backward()
+        distributed.combine_gradients(layer.parameters(), env)
+        results[f"two_process/{loss_type}"] = layer.weight.grad.numpy().ravel().tolist()
     with open(os.path.join(out_dir, f"rank{env.rank}.json"), "w") as f:
         json.dump(results, f)
 

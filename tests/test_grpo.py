@@ -47,7 +47,7 @@ def test_group_advantages_accepts_paddle_and_rejects_ragged():
     np.testing.assert_allclose(group_advantages(t([1, 0]), 2, "mean_only"), [0.5, -0.5])
     with pytest.raises(ValueError, match="num_generations"):
         group_advantages([1, 0, 1], 2)
-    with pytest.raises(ValueError, match="advantage_norm"):
+    with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages([1, 0], 2, norm="max")
 
 
@@ -96,7 +96,7 @@ def test_loss_matches_hand_arithmetic_token_and_sequence():
     ratio_mean = (1 + math.exp(0.2) + math.exp(-0.5) + 1 + math.exp(-0.2)) / 5
     assert stats["ratio"] == pytest.approx(ratio_mean, rel=1e-5)
     loss_s, _ = grpo_loss(t(LOGP, True), t(OLD), t(REF), ADV, t(MASK), epsilon=0.2, beta=0.1,
-                          averaging="sequence")
+                          loss_type="grpo")
     assert float(loss_s) == pytest.approx(sequence, rel=1e-5)      # 0.442312
     assert abs(token - sequence) > 0.1  # the two averagings really differ here
 
@@ -159,8 +159,8 @@ def test_kl_gradient_pulls_towards_the_reference():
 
 
 def test_loss_errors_name_the_setting():
-    with pytest.raises(ValueError, match="loss_averaging"):
-        grpo_loss(t(LOGP, True), None, t(REF), ADV, t(MASK), averaging="mean")
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(t(LOGP, True), None, t(REF), ADV, t(MASK), loss_type="token")
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(t(LOGP, True), None, None, ADV, t(MASK), beta=0.04)
     with pytest.raises(ValueError, match="advantages"):
@@ -169,5 +169,5 @@ def test_loss_errors_name_the_setting():
 
 def test_empty_rows_do_not_divide_by_zero():
     loss, _ = grpo_loss(t([[-1.0, -1.0], [-1.0, -1.0]], True), None, None, [1.0, 1.0], t([[1, 1], [0, 0]]),
-                        beta=0.0, averaging="sequence")
+                        beta=0.0, loss_type="grpo")
     assert float(loss) == pytest.approx(-1.0)  # the empty row is left out of the sequence mean

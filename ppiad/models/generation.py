@@ -585,8 +585,11 @@ def _forced_scores(model, core, input_ids, attention_mask, grid, image_embeds, r
 # ---------------------------------------------------------------------------------------------------------
 def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completion_mask: paddle.Tensor,
                         num_samples: int, image_embeds: Optional[paddle.Tensor] = None,
-                        temperature: float = 1.0) -> paddle.Tensor:
+                        temperature: float = 1.0, return_entropy: bool = False):
     """log p(sequences[r, j] | prompt, sequences[r, :j]) for every row, [N, T] float32, 0 where the mask is 0.
+
+    return_entropy: also return the entropy (nats) of each position's distribution softmax(logits / T),
+    [N, T] float32 without gradient, 0 where the mask is 0: (logp, entropy).
 
     temperature T: the log-probs of the distribution softmax(logits / T), the one rollouts sampled from at T
     (TRL's GRPO divides the logits by its sampling temperature the same way for the policy, old and reference
@@ -639,5 +642,20 @@ def completion_logprobs(model, inputs: dict, sequences: paddle.Tensor, completio
     if temperature != 1.0:
         logits = logits / temperature
     chosen = paddle.take_along_axis(logits, sequences.astype("int64").unsqueeze(-1), axis=-1)[..., 0]
-    logp = chosen - paddle.logsumexp(logits, axis=-1)
-    return logp * completion_mask.astype("float32")
+    lse = paddle.logsumexp(logits, axis=-1)
+    logp = (chosen - lse) * completion_mask.astype("float32")
+    if not return_entropy:
+        return logp
+    return logp, token_entropy(logits, lse) * completion_mask.astype("float32")
+
+
+def token_entropy(logits: paddle.Tensor, lse: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """Entropy in nats of softmax(logits) at each position, [N, T] float32 without gradient, for logits
+    [N, T, V]: H = logsumexp(z) - sum_v softmax(z)_v z_v. One row at a time, so the extra memory is one
+    [T, V] slice, not another [N, T, V] tensor. `lse`: logsumexp(logits, -1) when already computed."""
+    with paddle.no_grad():
+        z = logits.detach().astype("float32")
+        lse = paddle.logsumexp(z, axis=-1) if lse is None else lse.detach()
+        mean_z = paddle.stack([(paddle.nn.functional.softmax(z[r], axis=-1) * z[r]).sum(axis=-1)
+                               for r in range(z.shape[0])])
+        return lse - mean_z

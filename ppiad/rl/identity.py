@@ -10,10 +10,11 @@ from ppiad.config import Config
 from ppiad.utils.identity import (adapter_fingerprint, effective_dtype, flat_settings, model_fingerprint,
                                   text_fingerprint)
 
-# Where and how often a run saves or logs, and how many processes share it (the checkpoint loader handles
-# that), do not change what it computes.
+# Where and how often a run saves, logs or evaluates, and how many processes share it (the checkpoint loader
+# handles that), do not change what it computes.
 NOT_IDENTITY = frozenset({"train.save_every", "train.log_every", "train.resume", "model.path", "model.adapter",
-                          "model.dtype", "model.allow_pickle"})
+                          "model.dtype", "model.allow_pickle", "train.eval_every", "train.eval_images",
+                          "train.save_best", "train.save_best_metric", "train.log_samples_every"})
 
 
 def training_identity(cfg: Config) -> dict:

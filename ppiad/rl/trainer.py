@@ -2,13 +2,15 @@
 
 One optimizer step, on every process (rank) with its own share of the prompts:
 1. rollouts, for each of `grad_accum_steps` micro-batches of `prompts_per_device` prompts: G completions per
-   prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`),
-   group advantages with the focal weights on their correctness part (`grpo.weighted_advantages`), the reference
-   log-probs (same network, adapters disabled, no gradient);
+   prompt sampled from the current policy (`generation.generate`), rewards (`rewards.compute_rewards`); with
+   `grpo.dynamic_sampling` groups without reward spread are replaced by further draws (`_select_groups`);
+   then group advantages with the focal weights on their correctness part (`grpo.weighted_advantages`,
+   divided per `grpo.scale_rewards`), the reference log-probs (same network, adapters disabled, no gradient);
 2. the update, for each micro-batch: policy log-probs with gradient (teacher forcing, LoRA dropout on with
    masks seeded per micro-batch, logits / grpo.temperature as in the rollout),
-   `grpo.grpo_loss`, backward; token averaging divides by the completion tokens of the whole step, so the
-   accumulated gradient equals that of one big batch (sequence averaging divides by grad_accum_steps);
+   `grpo.grpo_loss`, backward; the loss is divided by the step's tokens / completions / completions x
+   max_new_tokens (`grpo.loss_type`) over all micro-batches and processes, so the accumulated gradient equals
+   that of one big batch;
 3. gradient clip, AdamW on the LoRA parameters only, learning-rate schedule step.
 With `grpo.num_iterations` = k > 1 the rollouts of step 1 are reused for k optimizer steps (the clipped
 ratio then matters); checkpoints wait for the end of such a block, so resuming stays exact.
@@ -101,6 +103,24 @@ def check_rollout_sampling(g) -> None:
                           ("min_p", 0 <= g.min_p < 1, "in [0, 1)"), ("top_k", g.top_k >= 0, ">= 0")):
         if not ok:
             raise ConfigError(f"config key 'grpo.{key}' must be {rule}, got {getattr(g, key)!r}")
+
+
+def check_grpo_objective(g) -> tuple[str, float]:
+    """The loss keys, checked before anything is loaded -> (scale_rewards resolved, epsilon_high resolved).
+
+    scale_rewards auto = none with loss_type dr_grpo (Dr. GRPO drops the std division), else group;
+    epsilon_high -1 = epsilon. ConfigError naming the key otherwise."""
+    if g.epsilon <= 0:
+        raise ConfigError(f"config key 'grpo.epsilon' must be > 0, got {g.epsilon!r}")
+    eps_high = g.epsilon if g.epsilon_high == -1.0 else g.epsilon_high
+    if eps_high <= 0:
+        raise ConfigError(f"config key 'grpo.epsilon_high' must be > 0 or -1 (= grpo.epsilon), got {g.epsilon_high!r}")
+    if g.dynamic_sampling and g.max_resample_factor < 1:
+        raise ConfigError(f"config key 'grpo.max_resample_factor' must be >= 1, got {g.max_resample_factor!r}")
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"config key 'grpo.max_new_tokens' must be >= 1, got {g.max_new_tokens!r}")
+    scale = g.scale_rewards if g.scale_rewards != "auto" else ("none" if g.loss_type == "dr_grpo" else "group")
+    return scale, float(eps_high)
 
 
 def make_plan(cfg: Config, samples: list, env: distributed.DistEnv) -> tuple[DataPlan, int]:
@@ -269,40 +289,189 @@ class GRPOTrainer:
         self.share_image_embeds = not any(name.startswith("visual.") for name in lora_layers(model))
 
     # -- one step ------------------------------------------------------------------------------------------
-    def _rollout(self, step: int, micro: int, batch: list) -> dict:
-        """Sample, score and prepare one micro-batch (no gradient)."""
+    def _sample(self, step: int, micro: int, batch: list, draw: int = 0) -> dict:
+        """Sample and score G completions for each prompt of `batch` (no gradient). `draw` > 0: a dynamic-sampling
+        redraw (its own generation seed)."""
         from ppiad.data.images import load_image
-        from ppiad.models.generation import completion_logprobs, generate
-        from ppiad.models.lora import adapters_disabled
-        from ppiad.rl.grpo import weighted_advantages
+        from ppiad.models.generation import generate
+        from ppiad.rl.grpo import truncated_rows
         from ppiad.rl.rewards import compute_rewards
 
-        cfg, g, core, proc = self.cfg, self.cfg.grpo, self.core, self.processor
+        cfg, g, proc = self.cfg, self.cfg.grpo, self.processor
         t0 = time.perf_counter()
+        images = [load_image(s.path, cfg.data.train.bit_depth) for s in batch]
         refs = None if self.references is None else [
             [load_image(p, cfg.data.train.bit_depth) for p in self.references.draw(s)] for s in batch]
-        inputs = proc.build_inputs([load_image(s.path, cfg.data.train.bit_depth) for s in batch],
-                                   [s.object_name for s in batch], references=refs)
+        inputs = proc.build_inputs(images, [s.object_name for s in batch], references=refs)
+        seed = (derive_seed(cfg.seed, "rollout", step, micro, self.env.rank) if draw == 0 else
+                derive_seed(cfg.seed, "rollout-redraw", step, draw, micro, self.env.rank))
         with self._autocast():
-            res = generate(core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
+            res = generate(self.core, inputs, num_samples=g.num_generations, max_new_tokens=g.max_new_tokens,
                            do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, min_p=g.min_p,
                            eos_token_ids=proc.eos_token_ids, tokenizer=proc.tokenizer,
-                           answer_token_ids=self.answer_tokens,
-                           seed=derive_seed(cfg.seed, "rollout", step, micro, self.env.rank),
-                           force_answer_score=False)
-        t1 = time.perf_counter()
-        shared_embeds = res.image_embeds if self.share_image_embeds else None
+                           answer_token_ids=self.answer_tokens, seed=seed, force_answer_score=False)
         token_p = res.answer_scores.numpy()
         total, per_reward, weights, weighted = compute_rewards(cfg.rewards, res.texts, batch, g.num_generations,
                                                                token_p=token_p, class_factors=self.class_factors)
-        adv = weighted_advantages(total, weights, g.num_generations, g.advantage_norm, g.std_eps,
-                                  weighted_part=weighted)
+        return {"samples": list(batch), "images": images, "refs": refs, "inputs": inputs, "sequences": res.sequences,
+                "mask": res.completion_mask, "texts": list(res.texts),
+                "image_embeds": res.image_embeds if self.share_image_embeds else None,
+                "token_p": np.asarray(token_p, dtype=np.float64), "total": np.asarray(total, dtype=np.float64),
+                "per_reward": {k: np.asarray(v, dtype=np.float64) for k, v in per_reward.items()},
+                "weights": np.asarray(weights, dtype=np.float64), "weighted": np.asarray(weighted, dtype=np.float64),
+                "truncated": truncated_rows(res.sequences, res.completion_mask, g.max_new_tokens,
+                                            proc.eos_token_ids),
+                "seconds_rollout": time.perf_counter() - t0}
+
+    def _select_groups(self, step: int) -> tuple[list, dict]:
+        """The step's rollouts as micro-batches of `prompts_per_device` prompts, and the sampling stats.
+
+        Without dynamic sampling: the plan's prompts, one `_sample` per micro-batch. With it (DAPO), groups
+        whose rewards are all equal are set aside and further prompts drawn (at random from this rank's share
+        of the training partition, none twice in a step, seeded by (seed, step, draw, rank), so a resumed run
+        draws the same ones; the regular data order is untouched) until the step has `prompts_per_step` informative groups or
+        `max_resample_factor` x prompts_per_step prompts were drawn; the rest is filled with set-aside groups
+        (advantages 0: they add only the KL term). The number of draws is decided over all processes (one
+        all-reduce per draw), so every process runs the same number of generation rounds and micro-batches.
+        """
+        from ppiad.rl.grpo import zero_spread_groups
+
+        cfg, g = self.cfg, self.cfg.grpo
+        n, target = cfg.train.prompts_per_device, self.plan.prompts_per_step
+        batch = self.plan.prompts(step)
+        rounds = [self._sample(step, m, batch[m * n:(m + 1) * n]) for m in range(cfg.train.grad_accum_steps)]
+        drawn = target
+        if g.dynamic_sampling:
+            cap = max(target, g.max_resample_factor * target)
+            pool = self.plan.epoch_order(self.plan.position(step)["epoch"])
+            draw = 0
+            while True:
+                informative = sum(int((~zero_spread_groups(r["total"], g.num_generations)).sum()) for r in rounds)
+                missing = min(target - informative, cap - drawn) if informative < target else 0
+                missing = self._max_over_ranks(max(missing, 0))
+                if missing <= 0:
+                    break
+                draw += 1
+                used = {s.path for r in rounds for s in r["samples"]}
+                free = [s for s in pool if s.path not in used]   # no image twice in one step
+                if not free:
+                    break   # the same on every process: their shares have equal sizes and equal draws
+                rng = np.random.default_rng(derive_seed(cfg.seed, "redraw", step, draw, self.env.rank) % (2 ** 63))
+                extra = [free[i] for i in rng.choice(len(free), size=min(missing, len(free)), replace=False)]
+                for m in range(0, len(extra), n):
+                    rounds.append(self._sample(step, m // n, extra[m:m + n], draw=draw))
+                drawn += len(extra)
+        stats = self._sampling_stats(rounds)
+        stats["sampling/prompts_drawn"] = float(drawn)
+        if not g.dynamic_sampling:
+            return rounds, stats
+        groups = [(ri, j) for ri, r in enumerate(rounds) for j in range(len(r["samples"]))]
+        flat = {(ri, j) for ri, r in enumerate(rounds)
+                for j in np.flatnonzero(zero_spread_groups(r["total"], g.num_generations))}
+        keep = ([x for x in groups if x not in flat] + [x for x in groups if x in flat])[:target]
+        stats["sampling/informative_groups"] = float(sum(x not in flat for x in keep))
+        return [self._regroup(rounds, keep[m:m + n]) for m in range(0, target, n)], stats
+
+    def _regroup(self, rounds: list, picks: list) -> dict:
+        """A micro-batch made of the groups `picks` [(round index, prompt index)] of `rounds`."""
+        G, pad = self.cfg.grpo.num_generations, int(self.processor.eos_token_ids[0])
+        width = max(int(rounds[ri]["sequences"].shape[1]) for ri, _ in picks)
+
+        def rows(ri, j, key):
+            return np.asarray(rounds[ri][key])[j * G:(j + 1) * G]
+
+        def padded(ri, j, key, value):
+            x = rounds[ri][key].numpy()[j * G:(j + 1) * G]
+            return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+        samples = [rounds[ri]["samples"][j] for ri, j in picks]
+        images = [rounds[ri]["images"][j] for ri, j in picks]
+        refs = None if rounds[0]["refs"] is None else [rounds[ri]["refs"][j] for ri, j in picks]
+        out = {"samples": samples, "images": images, "refs": refs,
+               "inputs": self.processor.build_inputs(images, [s.object_name for s in samples], references=refs),
+               "sequences": paddle.to_tensor(np.concatenate([padded(ri, j, "sequences", pad) for ri, j in picks])),
+               "mask": paddle.to_tensor(np.concatenate([padded(ri, j, "mask", 0) for ri, j in picks])
+                                        .astype("float32")),
+               "texts": [t for ri, j in picks for t in rounds[ri]["texts"][j * G:(j + 1) * G]],
+               "image_embeds": None,  # recomputed from the pixels of the new batch
+               "per_reward": {k: np.concatenate([rounds[ri]["per_reward"][k][j * G:(j + 1) * G] for ri, j in picks])
+                              for k in rounds[picks[0][0]]["per_reward"]},
+               "seconds_rollout": 0.0}
+        for key in ("token_p", "total", "weights", "weighted", "truncated"):
+            out[key] = np.concatenate([rows(ri, j, key) for ri, j in picks])
+        return out
+
+    def _sampling_stats(self, rounds: list) -> dict:
+        """Rollout statistics over every group drawn in the step (all rewards, lengths, zero-spread share)."""
+        from ppiad.rl.grpo import zero_spread_groups
+
+        G = self.cfg.grpo.num_generations
+        cat = lambda key: np.concatenate([r[key] for r in rounds])  # noqa: E731
+        total, lengths = cat("total"), np.concatenate([r["mask"].numpy().sum(axis=1) for r in rounds])
+        groups = total.reshape(-1, G)
+        per_reward = {k: np.concatenate([r["per_reward"][k] for r in rounds]) for k in rounds[0]["per_reward"]}
+        stats = {
+            "reward/total": float(total.mean()),
+            "reward/total_std": float(total.std()),
+            "reward/group_std": float(groups.std(axis=1, ddof=1).mean()) if G > 1 else 0.0,
+            "frac_reward_zero_std": float(zero_spread_groups(total, G).mean()),
+            "accuracy": float(per_reward["accuracy"].mean()),
+            "format_rate": float(per_reward["format"].mean()),
+            "advantage_weight": float(cat("weights").mean()),
+            "completion_length": float(lengths.mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/truncated_share": float(cat("truncated").mean()),
+            "seconds_rollout": float(sum(r["seconds_rollout"] for r in rounds)),
+        }
+        for name, values in per_reward.items():
+            stats[f"reward/{name}"] = float(values.mean())
+            stats[f"reward/{name}_std"] = float(values.std())
+        token_p = cat("token_p")
+        samples = [s for r in rounds for s in r["samples"]]
+        stats.update(answer_p_by_class(token_p, samples, G))
+        return stats
+
+    def _max_over_ranks(self, value: int) -> int:
+        if self.env.enabled:
+            t = paddle.to_tensor([float(value)])
+            paddle.distributed.all_reduce(t, op=paddle.distributed.ReduceOp.MAX)
+            value = int(float(t))
+        return value
+
+    def _step_reward_std(self, buffer: list) -> Optional[float]:
+        """scale_rewards=batch: the unbiased std of every reward of the step, over all processes."""
+        if self.scale_rewards != "batch":
+            return None
+        r = np.concatenate([mb["total"] for mb in buffer])
+        sums = np.array([r.size, r.sum(), (r * r).sum()], dtype=np.float64)
+        if self.env.enabled:
+            t = paddle.to_tensor(sums, dtype="float64")
+            paddle.distributed.all_reduce(t)
+            sums = t.numpy()
+        n, s1, s2 = sums
+        return float(math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1))) if n > 1 else 0.0
+
+    def _prepare(self, step: int, micro: int, mb: dict, std_of_batch: Optional[float]) -> dict:
+        """Advantages, the loss mask, the reference (and with k > 1 the old) log-probs of one micro-batch."""
+        from ppiad.models.generation import completion_logprobs
+        from ppiad.models.lora import adapters_disabled
+        from ppiad.rl.grpo import weighted_advantages
+
+        cfg, g, core = self.cfg, self.cfg.grpo, self.core
+        t1 = time.perf_counter()
+        adv = weighted_advantages(mb["total"], mb["weights"], g.num_generations, self.scale_rewards, g.std_eps,
+                                  weighted_part=mb["weighted"], std_of_batch=std_of_batch)
+        loss_mask = mb["mask"]
+        if g.mask_truncated_completions:
+            loss_mask = mb["mask"] * paddle.to_tensor((~mb["truncated"]).astype("float32")).reshape([-1, 1])
         ref = None
         if g.beta != 0.0:  # with beta = 0 the loss has no KL term: skip the reference pass (~20% of a step)
             core.eval()
             with paddle.no_grad(), adapters_disabled(core), self._autocast():
-                ref = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
-                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
+                ref = completion_logprobs(core, mb["inputs"], mb["sequences"], mb["mask"], g.num_generations,
+                                          image_embeds=mb["image_embeds"], temperature=g.temperature).detach()
         # The update's LoRA dropout masks are drawn from this seed for each of the block's k updates, so the
         # ratio measures the change of the parameters only. With k > 1 the old log-probs are recomputed in the
         # update's own mode, masks and temperature (the rollout ran without dropout): ratio == 1 exactly at
@@ -312,25 +481,20 @@ class GRPOTrainer:
         if g.num_iterations > 1:
             core.train()
             with paddle.no_grad(), seeded(dropout_seed), self._autocast():
-                old = completion_logprobs(core, inputs, res.sequences, res.completion_mask, g.num_generations,
-                                          image_embeds=shared_embeds, temperature=g.temperature).detach()
-        t2 = time.perf_counter()
-        groups = np.asarray(total).reshape(-1, g.num_generations)
-        stats = {
-            "reward/total": float(np.mean(total)),
-            "reward/group_std": float(groups.std(axis=1, ddof=1).mean()) if g.num_generations > 1 else 0.0,
-            "accuracy": float(np.mean(per_reward["accuracy"])),
-            "format_rate": float(np.mean(per_reward["format"])),
-            "advantage_weight": float(np.mean(weights)),
-            "completion_length": float(res.completion_mask.sum(axis=1).mean()),
-        }
-        for name, values in per_reward.items():
-            stats[f"reward/{name}"] = float(np.mean(values))
-        stats.update(answer_p_by_class(token_p, batch, g.num_generations))
-        return {"inputs": inputs, "sequences": res.sequences, "mask": res.completion_mask,
-                "old_logp": old, "ref_logp": ref, "dropout_seed": dropout_seed,
-                "advantages": adv, "image_embeds": shared_embeds, "stats": stats,
-                "seconds_rollout": t1 - t0, "seconds_reference": t2 - t1}
+                old = completion_logprobs(core, mb["inputs"], mb["sequences"], mb["mask"], g.num_generations,
+                                          image_embeds=mb["image_embeds"], temperature=g.temperature).detach()
+        return {**mb, "loss_mask": loss_mask, "old_logp": old, "ref_logp": ref, "dropout_seed": dropout_seed,
+                "advantages": adv, "seconds_reference": time.perf_counter() - t1}
+
+    def _rollout_step(self, step: int) -> tuple[list, dict]:
+        """Rollouts (with dynamic sampling, if on), advantages and reference log-probs of one rollout block."""
+        rounds, stats = self._select_groups(step)
+        std_of_batch = self._step_reward_std(rounds)
+        buffer = [self._prepare(step, m, mb, std_of_batch) for m, mb in enumerate(rounds)]
+        stats["seconds_reference"] = sum(mb["seconds_reference"] for mb in buffer)
+        adv = np.concatenate([mb["advantages"] for mb in buffer])
+        stats["advantage/abs_mean"] = float(np.abs(adv).mean())
+        return buffer, stats
 
     def _update(self, buffer: list) -> dict:
         """Policy forward + GRPO loss + backward for every micro-batch, then the optimizer step."""
@@ -340,9 +504,9 @@ class GRPOTrainer:
         g = self.cfg.grpo
         t0 = time.perf_counter()
         self.core.train()
-        token_avg = g.loss_averaging == "token"
-        n_tokens = self._token_normalizer(buffer) if token_avg else None
+        normalizer = self._loss_normalizer(buffer)
         agg: dict = {}
+        entropy_sum, entropy_tokens = 0.0, 0.0
         for i, mb in enumerate(buffer):
             last = i == len(buffer) - 1
             # DataParallel: all-reduce the gradients once, after the last micro-batch
@@ -350,18 +514,20 @@ class GRPOTrainer:
             sync = self.wrapped.no_sync() if defer else contextlib.nullcontext()
             with sync:
                 with self._autocast(), seeded(mb["dropout_seed"]):
-                    logp = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"], mb["mask"],
-                                               g.num_generations, image_embeds=mb["image_embeds"],
-                                               temperature=g.temperature)
-                loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["mask"],
-                                     epsilon=g.epsilon, beta=g.beta, averaging=g.loss_averaging,
-                                     normalizer=n_tokens)
-                if not token_avg:
-                    loss = loss / len(buffer)
+                    logp, entropy = completion_logprobs(self.forward_model, mb["inputs"], mb["sequences"],
+                                                        mb["mask"], g.num_generations,
+                                                        image_embeds=mb["image_embeds"], temperature=g.temperature,
+                                                        return_entropy=True)
+                loss, st = grpo_loss(logp, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["loss_mask"],
+                                     epsilon=g.epsilon, beta=g.beta, loss_type=g.loss_type,
+                                     normalizer=normalizer, epsilon_high=self.epsilon_high)
                 loss.backward()
+            entropy_sum += float((entropy * mb["mask"]).sum())
+            entropy_tokens += float(mb["mask"].sum())
             st["loss"] = float(loss)
             for k, v in st.items():
                 agg[k] = agg.get(k, 0.0) + (v if k == "loss" else v / len(buffer))
+        agg["entropy"] = entropy_sum / max(entropy_tokens, 1.0)
         # Combine the gradients over the processes first, so that the clip and the logged norm are global
         # (over all processes and over both LoRA+ parameter groups) under every sharding setting.
         distributed.combine_gradients(self.trainable, self.env)
@@ -389,8 +555,14 @@ class GRPOTrainer:
         return [{"params": [p for p in self.trainable if id(p) not in b_ids]},
                 {"params": [p for p in self.trainable if id(p) in b_ids], "learning_rate": ratio}]
 
-    def _token_normalizer(self, buffer: list) -> float:
-        return token_normalizer(sum(float(mb["mask"].sum()) for mb in buffer), self.env)
+    def _loss_normalizer(self, buffer: list) -> float:
+        """The loss's divisor for the whole step: tokens (bnpo), completions (grpo) or completions x
+        max_new_tokens (dr_grpo), summed over the micro-batches and the processes (`token_normalizer`)."""
+        from ppiad.rl.grpo import loss_normalizer_units
+
+        g = self.cfg.grpo
+        units = sum(loss_normalizer_units(mb["loss_mask"], g.loss_type, g.max_new_tokens) for mb in buffer)
+        return token_normalizer(units, self.env)
 
     def _autocast(self):
         if self.bf16:   # GPU only; untested here (no GPU)
@@ -408,6 +580,7 @@ class GRPOTrainer:
         self.env = distributed.init(cfg.distributed.sharding)
         self.bf16 = _bf16_on_gpu(cfg)
         check_rollout_sampling(cfg.grpo)
+        self.scale_rewards, self.epsilon_high = check_grpo_objective(cfg.grpo)
         if cfg.train.max_bad_steps < 1:
             raise ConfigError(f"config key 'train.max_bad_steps' must be >= 1, got {cfg.train.max_bad_steps}")
         self.skipped_steps, self.bad_streak = 0, 0
@@ -459,6 +632,14 @@ class GRPOTrainer:
         if cfg.model.dtype == "bfloat16" and not self.bf16:
             self.log.info("model.dtype=bfloat16 needs a GPU (Paddle's CPU kernels have no bf16 matmul): "
                           "training in float32")
+        self.val_samples, self.best = [], None
+        if cfg.train.eval_every > 0:
+            from ppiad.rl.validation import BestKeeper, validation_samples
+
+            self.val_samples = validation_samples(cfg)
+            self.best = BestKeeper(self.run_dir, cfg.train.save_best_metric) if cfg.train.save_best else None
+        elif cfg.train.save_best:
+            raise ConfigError("train.save_best needs train.eval_every > 0 (the evaluations pick the best)")
         if resume:
             self._resume(resume)
         elif cfg.train.resume == "auto":
@@ -514,6 +695,33 @@ class GRPOTrainer:
         self.log.info(f"checkpoint {path}")
         return path
 
+    def _validate(self, step: int) -> dict:
+        """Greedy evaluation on the run's held-out subset -> VisualDL eval/*; with train.save_best the adapter
+        of the best evaluation so far goes to <run>/best (rl.validation)."""
+        from ppiad.models.lora import save_adapter
+        from ppiad.rl.validation import evaluate_policy
+
+        t0 = time.perf_counter()
+        with self._autocast():
+            result = evaluate_policy(self.core, self.processor, self.val_samples, self.cfg, self.env,
+                                     references=self.references)
+        self.core.train()
+        self.log.scalars(step, {**result, "seconds": time.perf_counter() - t0}, prefix="eval")
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None)
+        self.log.info(f"step {step}: held-out ({len(self.val_samples)} images) {shown}")
+        if self.best is not None and self.env.is_main and self.best.offer(step, result,
+                                                                          lambda d: save_adapter(self.core, d)):
+            self.log.info(f"step {step}: best {self.best.metric} so far ({result[self.best.metric]:.4f}), adapter "
+                          f"in {self.best.dir}")
+        return result
+
+    def _log_samples(self, step: int, mb: dict) -> None:
+        """The first prompt's image and its rollouts (completions, rewards, advantages) to VisualDL."""
+        from ppiad.rl.validation import sample_text
+
+        self.log.text(step, "samples/rollouts", sample_text(mb, self.cfg.grpo.num_generations))
+        self.log.image(step, "samples/image", mb["images"][0])
+
     def _all_ranks(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (they must take the same branch)."""
         if self.env.enabled:
@@ -561,13 +769,7 @@ class GRPOTrainer:
                 seed_everything(derive_seed(cfg.seed, "step", step, self.env.rank))
                 roll_stats = {}
                 if step % k == 0 or buffer is None:
-                    batch = self.plan.prompts(step)
-                    n = cfg.train.prompts_per_device
-                    buffer = [self._rollout(step, m, batch[m * n:(m + 1) * n])
-                              for m in range(cfg.train.grad_accum_steps)]
-                    roll_stats = _mean_stats([mb["stats"] for mb in buffer])
-                    roll_stats["seconds_rollout"] = sum(mb["seconds_rollout"] for mb in buffer)
-                    roll_stats["seconds_reference"] = sum(mb["seconds_reference"] for mb in buffer)
+                    buffer, roll_stats = self._rollout_step(step)
                 lr = self.optimizer.get_lr()
                 upd = self._update(buffer)
                 step += 1
@@ -583,6 +785,10 @@ class GRPOTrainer:
                 self.log.advance(1, {"loss": metrics["loss"], "reward": metrics.get("reward/total", float("nan"))})
                 at_block_end = step % k == 0
                 stop_now = self._stop_requested(stop)
+                if roll_stats and cfg.train.log_samples_every > 0 and step % cfg.train.log_samples_every == 0:
+                    self._log_samples(step, buffer[0])
+                if cfg.train.eval_every > 0 and (step % cfg.train.eval_every == 0 or step == self.total_steps):
+                    self._validate(step)
                 if at_block_end and (step % cfg.train.save_every == 0 or step == self.total_steps or stop_now):
                     last_saved = self._save(step, metrics)
                 if stop_now and at_block_end:
@@ -610,12 +816,3 @@ def answer_p_by_class(token_p, batch: list, group_size: int) -> dict:
         vals = token_p[rows & ~np.isnan(token_p)]
         out[f"answer_p/{name}"] = float(vals.mean()) if vals.size else float("nan")
     return out
-
-
-def _mean_stats(items: list[dict]) -> dict:
-    keys = items[0].keys() if items else []
-    means = {}
-    for k in keys:
-        vals = np.array([d[k] for d in items], dtype=np.float64)
-        means[k] = float(vals[~np.isnan(vals)].mean()) if (~np.isnan(vals)).any() else float("nan")
-    return means

@@ -54,7 +54,21 @@ class RunLogger:
         if self._writer is not None:
             for name, value in clean.items():
                 self._writer.add_scalar(tag=f"{prefix}/{name}", step=int(step), value=value)
-        append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), {"step": int(step), **clean})
+        keys = clean if prefix == "train" else {f"{prefix}/{k}": v for k, v in clean.items()}
+        append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), {"step": int(step), **keys})
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text entry (markdown) in VisualDL's text tab (rank 0 only)."""
+        if self.is_main and self._writer is not None:
+            self._writer.add_text(tag=tag, text_string=text, step=int(step))
+
+    def image(self, step: int, tag: str, image) -> None:
+        """An image (PIL image or uint8 array [H, W, 3]) in VisualDL's image tab (rank 0 only)."""
+        if self.is_main and self._writer is not None:
+            import numpy as np
+
+            self._writer.add_image(tag=tag, img=np.asarray(image.convert("RGB") if hasattr(image, "convert")
+                                                             else image, dtype=np.uint8), step=int(step))
 
     def advance(self, n: int = 1, postfix: dict | None = None) -> None:
         """Move the progress bar (its ETA follows the measured step rate)."""
