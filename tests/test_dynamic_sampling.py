@@ -141,6 +141,7 @@ def test_two_processes_agree_on_the_draws_and_the_held_out_figures(assets, tmp_p
            *tiny_overrides(assets, str(out), "dist", "train.max_steps=2", "grpo.dynamic_sampling=true",
                            "grpo.max_resample_factor=3", "grpo.scale_rewards=batch", "train.eval_every=2",
                            "train.eval_images=7", f"data.eval.root={assets['data']}", "data.eval.dataset=mvtec",
+                           "data.allow_overlap=true",   # one tiny tree for training and validation
                            "eval.max_new_tokens=12")]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     logs = ""

@@ -201,7 +201,9 @@ def test_train_resume_eval_and_infer_tools_on_qwen2_5_vl(assets25, tmp_path):
                     f"    split: all\neval:\n  batch_size: 2\n  max_new_tokens: 6\n")
     proc = _tool(["tools/eval.py", "-c", str(ecfg), "--no_progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = read_jsonl(str(tmp_path / "eval_out" / "e25" / "eval_mvtec_all" / "predictions.jsonl"))
+    # the default folder is eval_mvtec_all_<model>_<adapter tag> (ppiad.eval.identity.model_tag)
+    (eval_dir,) = (tmp_path / "eval_out" / "e25").glob("eval_mvtec_all_*")
+    recs = read_jsonl(str(eval_dir / "predictions.jsonl"))
     assert len(recs) == 4 and all(r["error"] is None and 0.0 <= r["score"] <= 1.0 for r in recs)
 
     img = next(str(p) for p in sorted(synth.rglob("*.png")))

@@ -57,7 +57,7 @@ def test_short_run_logs_eval_scalars_and_samples_to_visualdl(assets, tmp_path):
 
     cfg = load_config(None, tiny_overrides(
         assets, str(tmp_path), "val", "train.max_steps=2", f"data.eval.root={assets['data']}",
-        "data.eval.dataset=mvtec",
+        "data.eval.dataset=mvtec", "data.allow_overlap=true",   # one tiny tree for training and validation
         "train.eval_every=1", "train.eval_images=6", "eval.max_new_tokens=12", "eval.batch_size=3",
         "train.log_samples_every=2", "train.save_best=true", "train.save_best_metric=accuracy"))
     GRPOTrainer(cfg).train()

@@ -592,8 +592,12 @@ class GRPOTrainer:
         self.references = build_reference_pool(cfg, "train", train_samples=self.samples)
         from ppiad.data.leakage import guard_run, partition_paths
 
-        # leakage guard: training images (or references) identical to evaluation images stop the run
-        guard_run(cfg, partition_paths(cfg, "train", self.samples), partition_paths(cfg, "eval"), self.references)
+        # leakage guard: training images (or references) identical to evaluation images stop the run; the same
+        # for the held-out images validated on during training (data.val), when given
+        train_paths = partition_paths(cfg, "train", self.samples)
+        guard_run(cfg, train_paths, partition_paths(cfg, "eval"), self.references)
+        if cfg.data.val.root:
+            guard_run(cfg, train_paths, partition_paths(cfg, "val"), self.references)
         self.class_factors = factors_from_config(cfg.rewards.focal, self.samples)
         self.plan, self.total_steps = make_plan(cfg, self.samples, self.env)
         self.processor = self._load_processor()
