@@ -149,6 +149,19 @@ def test_stage2_matches_data_parallel(runs, head):
     assert all(m["grad_norm"] > 0.05 for m in runs["stage2"][0][head]["metrics"])
 
 
+@pytest.mark.parametrize("mode", ["none", "stage2"])
+def test_held_bytes_as_estimated(runs, mode):
+    """Between steps: stage 2 keeps each process's share of the AdamW state and one gradient buffer; the larger
+    process holds exactly what ppiad.utils.memory.estimate predicts (parameters, gradients, optimizer state)."""
+    per_rank = [runs[mode][r]["tied"] for r in range(2)]
+    for key in ("params", "grads", "optimizer"):
+        assert max(r["held_bytes"][key] for r in per_rank) == per_rank[0]["predicted"][key], key
+    if mode == "stage2":   # the state is split: each process holds less than data parallel's whole
+        whole = runs["none"][0]["tied"]["held_bytes"]["optimizer"]
+        assert all(0 < r["held_bytes"]["optimizer"] < whole for r in per_rank)
+        assert sum(r["held_bytes"]["optimizer"] for r in per_rank) == whole
+
+
 @pytest.mark.parametrize("head", ["tied", "untied"])
 def test_stage3_holds_one_nth_of_the_frozen_base_between_steps(runs, head):
     for rank in range(2):
@@ -257,6 +270,9 @@ def _train(out_dir, sharding, assets, head):
         config(f"{sharding}_{head}_resumed", f"train.resume={summary['run_dir']}/checkpoints/step_000002"),
         model=fresh_model(), processor=processor, samples=samples).train()
     split = distributed.split_parameters(tr.core)
+    from ppiad.utils import memory
+    held_bytes = memory.measure(tr.core, tr.wrapped, tr.optimizer)
+    predicted = {k: memory.estimate(tr.cfg, 2)[k] for k in held_bytes}
     owned = []
     if sharding == "stage2":
         names = {id(p): n for n, p in tr.core.named_parameters()}
@@ -272,7 +288,7 @@ def _train(out_dir, sharding, assets, head):
             "split": len(split), "resident_after_step": len(distributed.resident_split_parameters(tr.core)),
             "resident_without_release": probe.get("before", 0) if sharding == "stage3" else 0,
             "held_split_elements": held, "full_split_elements": full, "decode_steps": decode_steps,
-            "metrics": metrics, "owned": owned, "applied_sq": applied, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
+            "metrics": metrics, "owned": owned, "held_bytes": held_bytes, "predicted": predicted, "applied_sq": applied, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
             "sha256": summary["adapter_sha256"], "resumed_sha256": resumed["adapter_sha256"]}
 
 
