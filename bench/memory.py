@@ -2,8 +2,8 @@
 
 For each sharding mode (none / stage1 / stage2 / stage3; stages 2 and 3 by CPU emulation,
 PPIAD_EMULATE_SHARDING_ON_CPU=1) x recompute off/on, two processes (`paddle.distributed.launch`, gloo) train a
-random-weight stand-in of the tiny or medium size for 2 GRPO steps (G=4, 1 prompt per process, 2 micro-batches, beta 0.04, 24 new tokens, every
-rollout decoded to full length). After step 2 each process reports the bytes it holds between steps (parameters,
+random-weight stand-in of the tiny or medium size for 2 GRPO steps (G=4, 1 prompt per process, 2 micro-batches,
+beta 0.04, 24 new tokens, every rollout decoded to full length). After step 2 each process reports the bytes it holds between steps (parameters,
 gradients, optimizer state; Paddle's own tensors, not the Python process) and the peak of Paddle's host
 allocator during step 2 (`host_memory_stat_peak_value`); the table shows the larger of the two processes'
 figures (stage 2 gives them different shares of the adapters) with the estimator's figure beside each.

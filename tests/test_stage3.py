@@ -288,7 +288,8 @@ def _train(out_dir, sharding, assets, head):
             "split": len(split), "resident_after_step": len(distributed.resident_split_parameters(tr.core)),
             "resident_without_release": probe.get("before", 0) if sharding == "stage3" else 0,
             "held_split_elements": held, "full_split_elements": full, "decode_steps": decode_steps,
-            "metrics": metrics, "owned": owned, "held_bytes": held_bytes, "predicted": predicted, "applied_sq": applied, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
+            "metrics": metrics, "owned": owned, "held_bytes": held_bytes, "predicted": predicted,
+            "applied_sq": applied, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
             "sha256": summary["adapter_sha256"], "resumed_sha256": resumed["adapter_sha256"]}
 
 

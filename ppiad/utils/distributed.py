@@ -28,9 +28,9 @@ CPU emulation (tests only): with `PPIAD_EMULATE_SHARDING_ON_CPU=1` stages 2 and 
 only changes are Paddle's device checks, bypassed here for the duration of the constructor calls: stage 3's
 "CUDA / XPU only" assertion; for stage 2 the same assertion in `GroupShardedOptimizerStage2`, its device id
 read from `paddle.get_device()` ("cpu" has no ":<id>"), and the move of its parameter buffer to the GPU
-(`ParamStorage.add_rank_params(convert_gpu=False)`, the path Paddle takes for buffers that stay on the CPU). `group_sharded_parallel`'s
-own device assertion is avoided by building the two classes it builds, with its defaults, directly. It
-proves the logic (hooks, reductions, gathers, collectives, memory), not GPU behaviour.
+(`ParamStorage.add_rank_params(convert_gpu=False)`: the path Paddle takes for buffers that stay on the CPU).
+`group_sharded_parallel`'s own device assertion is avoided by building the two classes it builds, with its
+defaults, directly. It proves the logic (hooks, reductions, gathers, collectives, memory), not GPU behaviour.
 """
 from __future__ import annotations
 
@@ -279,6 +279,8 @@ def combine_gradients(params: Sequence, env: DistEnv, wrapped=None) -> list:
     if not env.enabled or env.sharding == "none":
         return list(params)
     if env.sharding == "stage2":
+        if not hasattr(wrapped, "_sharding_optimizers"):
+            raise ValueError("combine_gradients under sharding stage2 needs the stage-2 wrapper (wrapped=...)")
         owned = _stage2_owned(wrapped, params)
         for p in owned:
             if p.grad is None:
