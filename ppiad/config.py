@@ -187,7 +187,7 @@ SCHEMA: dict = {
                                    "rewards, advantages) go to VisualDL as text and image; 0 = off"),
     },
     "distributed": {
-        "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs (stage3 runs on CPU "
+        "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs (they run on CPU "
                           "only as a test emulation, PPIAD_EMULATE_SHARDING_ON_CPU=1)",
                           ("none", "stage1", "stage2", "stage3")),
         "stage3_segment_size": Field(2 ** 20, int, "stage3: parameters with more elements than this are split over "

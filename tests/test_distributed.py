@@ -38,7 +38,7 @@ def test_single_process_wrap_is_identity():
     assert m is layer and o is opt and unwrap(m) is layer
 
 
-def test_stage2_refused_on_cpu(monkeypatch):
+def test_stage2_and_stage3_refused_on_cpu_without_emulation(monkeypatch):
     import paddle
     from ppiad.utils import distributed
     if distributed._has_accelerator():
@@ -50,11 +50,15 @@ def test_stage2_refused_on_cpu(monkeypatch):
     with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
         distributed.init("stage3")
     layer = paddle.nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match="needs GPUs"):
-        wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), DistEnv(0, 2, "stage3"))
-    monkeypatch.setenv(distributed.EMULATE_ENV, "1")  # emulation covers stage 3 only
+    for mode in ("stage2", "stage3"):
+        with pytest.raises(RuntimeError, match="needs GPUs"):
+            wrap(layer, paddle.optimizer.SGD(parameters=layer.parameters()), DistEnv(0, 2, mode))
+    monkeypatch.setenv(distributed.EMULATE_ENV, "0")   # only "1" turns the emulation on
     with pytest.raises(RuntimeError, match="needs GPUs; use stage1 or none on CPU"):
         distributed.init("stage2")
+    monkeypatch.setenv(distributed.EMULATE_ENV, "1")   # emulation (tests/test_stage3.py runs both stages)
+    for mode in ("stage2", "stage3"):
+        distributed._check_device(mode)
 
 
 def _launch(tmp_path, sharding):

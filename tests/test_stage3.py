@@ -1,10 +1,12 @@
-"""Sharding stage 3 under CPU emulation (PPIAD_EMULATE_SHARDING_ON_CPU=1: Paddle's own GroupShardedStage3 on
-gloo, its device assertion bypassed). This proves ppiad's stage-3 logic (every weight gathered through its
-layer's call, tied head, synced decoding, memory released), not GPU behaviour.
+"""Sharding stages 2 and 3 under CPU emulation (PPIAD_EMULATE_SHARDING_ON_CPU=1: Paddle's own
+GroupShardedStage3 / GroupShardedOptimizerStage2 + GroupShardedStage2 on gloo, their device checks bypassed).
+This proves ppiad's sharding logic (stage 3: every weight gathered through its layer's call, tied head, synced
+decoding, memory released; stage 2: gradients reduced to their owner, then averaged and clipped globally by
+ppiad), not GPU behaviour.
 
 Two processes train the tiny stand-in (tied and untied LM head) for 3 optimizer steps with gradient
-accumulation and beta > 0, once with data parallel and once with stage 3 (a segment size small enough that the
-frozen base is really split); sampled rollouts stop at different steps on each process. Both runs must end
+accumulation and beta > 0, with data parallel, stage 1, stage 2 and stage 3 (a segment size small enough that
+the frozen base is really split); sampled rollouts stop at different steps on each process. All runs must end
 with the same adapters and log the same metrics. Running this file as a script is the launched worker."""
 import json
 import os
@@ -63,7 +65,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage3_runs")
-    return {s: _launch(tmp, s, s, assets) for s in ("none", "stage1", "stage3")}
+    return {s: _launch(tmp, s, s, assets) for s in ("none", "stage1", "stage2", "stage3")}
 
 
 def _same_metrics(reference, other):
@@ -123,6 +125,41 @@ def test_stage1_matches_data_parallel(runs, head):
         for name in a["adapters"]:
             np.testing.assert_allclose(b["adapters"][name], a["adapters"][name], rtol=0, atol=1e-5, err_msg=name)
     _same_metrics(runs["none"][0][head]["metrics"], runs["stage1"][0][head]["metrics"])
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_stage2_matches_data_parallel(runs, head):
+    """Sharding stage 2 (Paddle's GroupShardedOptimizerStage2 + GroupShardedStage2, emulated on CPU): each
+    adapter's gradient is summed on its owner process only; ppiad's mean, global clip (max norm 0.05 acts) and
+    logged grad_norm must still equal data parallel's, and so must the adapters after 3 steps and the resume."""
+    for rank in range(2):
+        a, b = runs["none"][rank][head], runs["stage2"][rank][head]
+        assert b["owned"] and b["owned"] != runs["stage2"][1 - rank][head]["owned"]   # the adapters were shared
+        assert 0 < len(b["owned"]) < len(b["adapters"])
+        for name in a["adapters"]:
+            np.testing.assert_allclose(b["adapters"][name], a["adapters"][name], rtol=0, atol=1e-5, err_msg=name)
+        assert b["resumed_sha256"] == b["sha256"]
+    # the gradient AdamW applies is the clipped mean, as under data parallel (AdamW alone would hide a constant
+    # factor such as Paddle's own 1/N applied a second time): stage 2's shares add up to data parallel's whole
+    dp_sq, s2_sq = runs["none"][0][head]["applied_sq"], [runs["stage2"][r][head]["applied_sq"] for r in range(2)]
+    assert len(dp_sq) == STEPS and all(len(s) == STEPS for s in s2_sq)
+    np.testing.assert_allclose(np.add(*s2_sq), dp_sq, rtol=1e-4)
+    np.testing.assert_allclose(dp_sq, 0.05 ** 2, rtol=1e-4)       # the clip to 0.05 acted
+    _same_metrics(runs["none"][0][head]["metrics"], runs["stage2"][0][head]["metrics"])
+    assert all(m["grad_norm"] > 0.05 for m in runs["stage2"][0][head]["metrics"])
+
+
+@pytest.mark.parametrize("mode", ["none", "stage2"])
+def test_held_bytes_as_estimated(runs, mode):
+    """Between steps: stage 2 keeps each process's share of the AdamW state and one gradient buffer; the larger
+    process holds exactly what ppiad.utils.memory.estimate predicts (parameters, gradients, optimizer state)."""
+    per_rank = [runs[mode][r]["tied"] for r in range(2)]
+    for key in ("params", "grads", "optimizer"):
+        assert max(r["held_bytes"][key] for r in per_rank) == per_rank[0]["predicted"][key], key
+    if mode == "stage2":   # the state is split: each process holds less than data parallel's whole
+        whole = runs["none"][0]["tied"]["held_bytes"]["optimizer"]
+        assert all(0 < r["held_bytes"]["optimizer"] < whole for r in per_rank)
+        assert sum(r["held_bytes"]["optimizer"] for r in per_rank) == whole
 
 
 @pytest.mark.parametrize("head", ["tied", "untied"])
@@ -211,6 +248,14 @@ def _train(out_dir, sharding, assets, head):
     distributed.release_gathered = probing_release
     tr = trainer_mod.GRPOTrainer(cfg, model=model, processor=processor, samples=samples)
     tr.setup = _setup_once(tr)
+    applied, adamw_step = [], paddle.optimizer.AdamW.step
+
+    def recording_step(self):   # the gradients AdamW applies on this process (stage 2: its share only)
+        held = [p.grad for p in tr.trainable if p.grad is not None and p.grad._is_initialized()]
+        applied.append(sum(float((g ** 2).sum()) for g in held))
+        return adamw_step(self)
+
+    paddle.optimizer.AdamW.step = recording_step
     try:
         start = None
         tr.setup()
@@ -218,12 +263,20 @@ def _train(out_dir, sharding, assets, head):
         summary = tr.train()
     finally:
         generation.generate, distributed.release_gathered = real_generate, release
+        paddle.optimizer.AdamW.step = adamw_step
     evaluation = _evaluate(tr, processor, samples)
     # exact resume: a new process state from the step-2 checkpoint computes the same step 3
     resumed = trainer_mod.GRPOTrainer(
         config(f"{sharding}_{head}_resumed", f"train.resume={summary['run_dir']}/checkpoints/step_000002"),
         model=fresh_model(), processor=processor, samples=samples).train()
     split = distributed.split_parameters(tr.core)
+    from ppiad.utils import memory
+    held_bytes = memory.measure(tr.core, tr.wrapped, tr.optimizer)
+    predicted = {k: memory.estimate(tr.cfg, 2)[k] for k in held_bytes}
+    owned = []
+    if sharding == "stage2":
+        names = {id(p): n for n, p in tr.core.named_parameters()}
+        owned = sorted(names[id(p)] for p in distributed._stage2_owned(tr.wrapped, tr.trainable))
     held = sum(int(p.fw_storage._numel()) for p in split if p.status == "part")
     full = sum(int(np.prod(p.shape)) for p in split)
     metrics = []
@@ -235,7 +288,8 @@ def _train(out_dir, sharding, assets, head):
             "split": len(split), "resident_after_step": len(distributed.resident_split_parameters(tr.core)),
             "resident_without_release": probe.get("before", 0) if sharding == "stage3" else 0,
             "held_split_elements": held, "full_split_elements": full, "decode_steps": decode_steps,
-            "metrics": metrics, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
+            "metrics": metrics, "owned": owned, "held_bytes": held_bytes, "predicted": predicted,
+            "applied_sq": applied, "world": paddle.distributed.get_world_size(), "evaluation": evaluation,
             "sha256": summary["adapter_sha256"], "resumed_sha256": resumed["adapter_sha256"]}
 
 

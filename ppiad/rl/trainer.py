@@ -530,8 +530,8 @@ class GRPOTrainer:
         agg["entropy"] = entropy_sum / max(entropy_tokens, 1.0)
         # Combine the gradients over the processes first, so that the clip and the logged norm are global
         # (over all processes and over both LoRA+ parameter groups) under every sharding setting.
-        distributed.combine_gradients(self.trainable, self.env)
-        grad_norm = distributed.clip_grad_norm(self.trainable, self.cfg.train.max_grad_norm)
+        held = distributed.combine_gradients(self.trainable, self.env, self.wrapped)
+        grad_norm = distributed.clip_grad_norm(held, self.cfg.train.max_grad_norm, self.env)
         finite = self._all_ranks(math.isfinite(agg.get("loss", 0.0)) and math.isfinite(grad_norm))
         if finite:  # else: skip the update (the schedule still advances with the step count)
             self.optimizer.step()

@@ -4,7 +4,11 @@ Sharding settings (`distributed.sharding`):
 - none:   paddle.DataParallel when there is more than one process (gradients all-reduced in backward).
 - stage1: fleet sharding stage 1, optimizer state split over the processes (hybrid_configs sharding_degree =
           world size). Works on CPU (gloo) and GPU.
-- stage2:   `group_sharded_parallel(level="os_g")`: gradients sharded too. GPU/XPU only; untested here.
+- stage2: what Paddle's `group_sharded_parallel(level="os_g")` builds (`GroupShardedOptimizerStage2` +
+          `GroupShardedStage2`): optimizer state and gradients sharded. Each trainable parameter has one owner
+          process; backward reduces (sums) its gradient to the owner and frees it elsewhere, the owner updates it
+          and broadcasts the new value. `combine_gradients` turns the owner's sum into the mean (and stops
+          Paddle dividing by N again), `clip_grad_norm` sums the squares over the processes.
 - stage3:   Paddle's `GroupShardedStage3`: every parameter with more than `distributed.stage3_segment_size`
           elements (the frozen base) is split over the processes; a layer's pre-forward hook all-gathers it and
           its post-forward hook frees it again. With LoRA the adapters are small and stay whole.
@@ -20,13 +24,18 @@ Stage 3 rules ppiad follows (Paddle frees a gathered weight when its layer's cal
 - backward gathers split weights again but Paddle frees only trainable ones: `release_gathered` frees the
   frozen ones after each optimizer step, so between steps a process holds ~1/N of the frozen base.
 
-CPU emulation (tests only): with `PPIAD_EMULATE_SHARDING_ON_CPU=1` stage 3 runs on CPU with gloo: the only
-change is that Paddle's device assertion in the `GroupShardedStage3` constructor is bypassed, here, for the
-duration of that call. It proves the logic (hooks, gathers, collectives, memory), not GPU behaviour.
+CPU emulation (tests only): with `PPIAD_EMULATE_SHARDING_ON_CPU=1` stages 2 and 3 run on CPU with gloo. The
+only changes are Paddle's device checks, bypassed here for the duration of the constructor calls: stage 3's
+"CUDA / XPU only" assertion; for stage 2 the same assertion in `GroupShardedOptimizerStage2`, its device id
+read from `paddle.get_device()` ("cpu" has no ":<id>"), and the move of its parameter buffer to the GPU
+(`ParamStorage.add_rank_params(convert_gpu=False)`: the path Paddle takes for buffers that stay on the CPU).
+`group_sharded_parallel`'s own device assertion is avoided by building the two classes it builds, with its
+defaults, directly. It proves the logic (hooks, reductions, gathers, collectives, memory), not GPU behaviour.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -68,16 +77,14 @@ def _has_accelerator() -> bool:
 
 
 def emulating() -> bool:
-    """True when `PPIAD_EMULATE_SHARDING_ON_CPU=1` asks for stage 3 on CPU (tests only) and there is no GPU."""
+    """True when `PPIAD_EMULATE_SHARDING_ON_CPU=1` asks for stage 2/3 on CPU (tests only) and there is no GPU."""
     return os.environ.get(EMULATE_ENV, "") == "1" and not _has_accelerator()
 
 
 def _check_device(sharding: str) -> None:
-    if sharding == "stage3" and emulating():
-        return
-    if sharding in ("stage2", "stage3") and not _has_accelerator():
+    if sharding in ("stage2", "stage3") and not _has_accelerator() and not emulating():
         raise RuntimeError(f"sharding {sharding} needs GPUs; use stage1 or none on CPU "
-                           f"({EMULATE_ENV}=1 emulates stage3 on CPU for tests)")
+                           f"({EMULATE_ENV}=1 emulates stage2/stage3 on CPU for tests)")
 
 
 def init(sharding: str = "none") -> DistEnv:
@@ -128,11 +135,36 @@ def wrap(model: paddle.nn.Layer, optimizer, env: DistEnv, segment_size: int = DE
         return fleet.distributed_model(model), fleet.distributed_optimizer(optimizer)
     _check_device(env.sharding)
     if env.sharding == "stage2":
-        # Untested here (no GPU on the development machines); follows Paddle's documented API.
-        from paddle.distributed.sharding import group_sharded_parallel
-        model, optimizer, _ = group_sharded_parallel(model, optimizer, level="os_g")
-        return model, optimizer
+        return _wrap_stage2(model, optimizer)
     return _wrap_stage3(model, optimizer, segment_size)
+
+
+def _wrap_stage2(model: paddle.nn.Layer, optimizer):
+    """What `group_sharded_parallel(model, optimizer, level="os_g")` builds, with its defaults (8 MB gradient
+    buckets, no offload), on this process's device."""
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_optimizer_stage2 as s2opt
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_stage2 as s2
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_storage as storage
+
+    device = paddle.get_device().split(":")[0]
+    patches = contextlib.ExitStack()
+    if emulating():  # Paddle's device checks in the two constructors, bypassed for their duration (see top)
+        from unittest import mock
+        patches.enter_context(mock.patch.object(s2opt.core, "is_compiled_with_cuda", lambda: True))
+        patches.enter_context(mock.patch.object(s2opt.paddle, "get_device", lambda: "cpu:0"))
+        to_cpu = functools.partialmethod(storage.ParamStorage.add_rank_params, convert_gpu=False)
+        patches.enter_context(mock.patch.object(storage.ParamStorage, "add_rank_params", to_cpu))
+    with patches:
+        optimizer = s2opt.GroupShardedOptimizerStage2(params=optimizer._parameter_list, optim=optimizer,
+                                                      device=device)
+        wrapped = s2.GroupShardedStage2(model, optimizer, device=device)
+    return wrapped, optimizer
+
+
+def _stage2_owned(wrapped, params: Sequence) -> list:
+    """The parameters of `params` whose gradient and update this process owns under stage 2."""
+    owner = wrapped._sharding_optimizers[0].param2rank
+    return [p for p in params if owner[p.name] == wrapped._rank]
 
 
 def _wrap_stage3(model: paddle.nn.Layer, optimizer, segment_size: int):
@@ -236,12 +268,26 @@ def _release(wrapped, params) -> int:
 
 
 @paddle.no_grad()
-def combine_gradients(params: Sequence, env: DistEnv) -> None:
+def combine_gradients(params: Sequence, env: DistEnv, wrapped=None) -> list:
     """Average the gradients of `params` over the processes before they are clipped, so that the clip and the
-    logged norm see the combined gradient on every process. Data parallel already did it in backward. Under
-    sharding the wrapper's own reduction in `optimizer.step()` then averages equal values (no change)."""
+    logged norm see the combined gradient. Returns the parameters whose combined gradient this process holds:
+    all of `params`, except under stage 2 (pass the stage-2 wrapper as `wrapped`), where backward already
+    summed each gradient on the one process that owns the parameter: there each owner divides its sums by N
+    and Paddle's step is told not to divide again; the other processes hold none of them.
+    Data parallel already averaged in backward. Under stage 1 / 3 the wrapper's own reduction in
+    `optimizer.step()` then averages equal values (no change)."""
     if not env.enabled or env.sharding == "none":
-        return
+        return list(params)
+    if env.sharding == "stage2":
+        if not hasattr(wrapped, "_sharding_optimizers"):
+            raise ValueError("combine_gradients under sharding stage2 needs the stage-2 wrapper (wrapped=...)")
+        owned = _stage2_owned(wrapped, params)
+        for p in owned:
+            if p.grad is None:
+                p.grad = paddle.zeros_like(p)
+            p.grad.scale_(1.0 / env.world_size)
+        wrapped.scale_in_opt = False   # else GroupShardedStage2's step scales the gradients by 1/N once more
+        return owned
     for p in params:
         g = p.grad
         if g is None:
@@ -249,18 +295,23 @@ def combine_gradients(params: Sequence, env: DistEnv) -> None:
             p.grad = g
         paddle.distributed.all_reduce(g)
         g.scale_(1.0 / env.world_size)
+    return list(params)
 
 
 @paddle.no_grad()
-def clip_grad_norm(params: Sequence, max_norm: float) -> float:
+def clip_grad_norm(params: Sequence, max_norm: float, env: DistEnv | None = None) -> float:
     """Clip the gradients of `params` together to global L2 norm `max_norm` (0 = no clipping) and return the
     norm before clipping (float, over all of them: one global norm also across LoRA+ parameter groups).
     Scale factor max_norm / max(norm, max_norm), as Paddle's ClipGradByGlobalNorm. Call after
-    `combine_gradients`."""
+    `combine_gradients`, with the parameters it returns; under stage 2 (`env`) each process holds a disjoint
+    share of the gradients and the squared norms are summed over the processes (every process must call)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    split = env is not None and env.enabled and env.sharding == "stage2"
+    if not grads and not split:
         return 0.0
-    sq = paddle.add_n([(g.astype("float32") ** 2).sum() for g in grads])
+    sq = paddle.add_n([(g.astype("float32") ** 2).sum() for g in grads]) if grads else paddle.zeros([])
+    if split:
+        paddle.distributed.all_reduce(sq)
     norm = float(paddle.sqrt(sq))
     if max_norm > 0 and norm > max_norm and math.isfinite(norm):
         scale = max_norm / norm

@@ -3,10 +3,11 @@
 All figures are bytes held by Paddle tensors on one process (one GPU in a real run):
 - params: weights resident between steps (stage 3 keeps only this process's slice of every parameter above
   `distributed.stage3_segment_size` elements; other modes hold every weight);
-- grads: gradient buffers of the trainable (LoRA) parameters;
+- grads: gradient buffers of the trainable (LoRA) parameters (stage 2: only this process's share's buffer
+  stays allocated between steps);
 - optimizer: AdamW state (two fp32 moments per trainable parameter, plus an fp32 master copy in bf16);
-  stage 1 / 2 keep 1/N of it (whole parameters assigned to processes); stage 3 keeps the small LoRA
-  parameters whole, so their state stays whole too;
+  stage 1 / 2 keep ~1/N of it (whole parameters assigned to processes; stage 2: Paddle's assignment, the
+  largest share); stage 3 keeps the small LoRA parameters whole, so their state stays whole too;
 - peak: the highest total during one optimizer step: the resident state plus the step's transient tensors
   (see `_transient_bytes` for what it counts and where the figures come from).
 bench/memory.py measures all four on CPU (2 processes, sharding emulated) and prints them beside `estimate`.
@@ -144,15 +145,24 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
             params += _stage3_slice(k, wb, n, gpu) * wb
         else:
             params += k * wb
-    lora_sizes = [_numel(s) for s in lora_shapes(mc, cfg.lora.r, cfg.lora.target_modules).values()]
+    lora_named = lora_shapes(mc, cfg.lora.r, cfg.lora.target_modules)
+    if cfg.lora.plus_ratio != 1.0:            # LoRA+ hands the optimizer two groups: every lora_A, then every lora_B
+        lora_named = dict(sorted(lora_named.items(), key=lambda kv: kv[0].endswith("lora_B")))
+    lora_sizes = [_numel(s) for s in lora_named.values()]   # in the optimizer's order (stage 2 assigns by it)
     lora = sum(lora_sizes)
     adapters = lora * 4                       # fp32 adapters (bf16: the optimizer's fp32 masters, below)
     grads = lora * 4                          # fp32 gradients (master_grad in bf16)
     if mode == "stage3":                      # one gradient buffer, each tensor padded to the alignment
         grads = sum(_aligned(k * 4, gpu) for k in lora_sizes)
-    optimizer = lora * 4 * 2 + (lora * 4 if wb == 2 else 0)
-    if mode in ("stage1", "stage2"):
+    per_element = 4 * 2 + (4 if wb == 2 else 0)   # AdamW's two fp32 moments (+ the fp32 master in bf16)
+    optimizer = lora * per_element
+    stage2_buffer = 0
+    if mode == "stage1":
         optimizer = optimizer // n
+    elif mode == "stage2":
+        owned, stage2_buffer = _stage2_shares(lora_sizes, n, gpu)
+        optimizer = owned * per_element
+        grads = stage2_buffer * 4
     resident = params + adapters + grads + optimizer
     # sdpa keeps no score matrix only with a GPU's fused kernels (on CPU Paddle falls back to the math path)
     fused = cfg.model.attn_implementation == "sdpa" and gpu
@@ -166,8 +176,24 @@ def estimate(cfg, world_size: int, *, model_config=None, prompt_tokens: int | No
                         if name.startswith(f"model.layers.{i}.") and _numel(s) > seg)
                     for i in range(mc.num_hidden_layers))
         transient += layer * (2 if cfg.train.recompute else 1)
+    if mode == "stage2":
+        # backward refills the other processes' gradient buffers (freed again once reduced to their owner)
+        transient += (n - 1) * stage2_buffer * 4
     return {"params": params + adapters, "grads": grads, "optimizer": optimizer, "transient": transient,
             "peak": resident + transient}
+
+
+def _stage2_shares(sizes, n: int, gpu: bool) -> tuple[int, int]:
+    """Stage 2's split of the adapters (`GroupShardedOptimizerStage2`): each tensor in turn goes to the process
+    that owns the fewest elements so far. Returns (elements the largest share owns: its AdamW state, elements
+    of each process's gradient buffer: the largest share with every tensor padded to the alignment, at most
+    Paddle's default bucket of 2**23; larger shares keep their rest as plain gradients, not counted here)."""
+    owned, padded = [0] * n, [0] * n
+    for k in sizes:
+        r = owned.index(min(owned))
+        owned[r] += k
+        padded[r] += _aligned(k * 4, gpu) // 4
+    return max(owned), min(max(padded), 2 ** 23)
 
 
 def _on_gpu(gpu: bool | None) -> bool:
@@ -265,9 +291,10 @@ def measure(model, wrapped, optimizer) -> dict:
             params += _bytes(p.fw_storage)
         else:
             params += _bytes(p)
-    storages = getattr(wrapped, "_grad_storages", None)
+    storages = getattr(wrapped, "_grad_storages", None)   # stage 3 {dtype: storage}; stage 2 {dtype: {rank: ..}}
     if storages:
-        grads = sum(_bytes(s.buffer) for s in storages.values())
+        flat = [s for v in storages.values() for s in (v.values() if isinstance(v, dict) else [v])]
+        grads = sum(_bytes(s.buffer) for s in flat)
     else:
         grads = sum(_bytes(p.grad) for p in core.parameters() if not p.stop_gradient and p.grad is not None)
     opt_bytes, seen = 0, set()
