@@ -18,3 +18,14 @@ def _prefer_fast_mkl_path_on_amd() -> None:
 
 
 _prefer_fast_mkl_path_on_amd()
+
+
+def _default_cpu_threads() -> None:
+    """Paddle runs its math on one thread unless OMP_NUM_THREADS is set before it loads; ppiad's default is
+    the physical cores (divided among launched processes). See ppiad/utils/threads.py."""
+    from ppiad.utils import threads
+
+    threads.set_default_before_import()
+
+
+_default_cpu_threads()

@@ -135,6 +135,11 @@ SCHEMA: dict = {
         "log_every": Field(1, int, "log scalars every N optimizer steps"),
         "resume": Field("", str, "checkpoint directory to resume from, or 'auto' for the latest of this run"),
     },
+    "runtime": {
+        "cpu_threads": Field(0, int, "CPU threads of Paddle's math library (MKL/OpenMP) per process; 0 = "
+                             "OMP_NUM_THREADS if set, else the physical cores divided among the processes of a "
+                             "paddle.distributed.launch run on this machine"),
+    },
     "distributed": {
         "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs",
                           ("none", "stage1", "stage2", "stage3")),

@@ -20,7 +20,15 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.opt)
+    """Load the config and apply its process-wide runtime settings (CPU threads)."""
+    from ppiad.utils import threads
+
+    cfg = load_config(args.config, args.opt)
+    try:
+        threads.configure(cfg.runtime.cpu_threads)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'runtime.cpu_threads': {exc}") from exc
+    return cfg
 
 
 @contextmanager
