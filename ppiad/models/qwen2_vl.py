@@ -426,6 +426,14 @@ class LMHead(nn.Layer):
         return paddle.matmul(h, w, transpose_y=True)
 
 
+class _Uninitialized(nn.initializer.Initializer):
+    """Gives a parameter memory without writing it (from_pretrained overwrites every parameter)."""
+
+    def forward(self, var, block=None):
+        paddle.empty(var.shape, var.dtype)._share_buffer_to(var)
+        return None
+
+
 def _legacy_name(name: str) -> str:
     """Checkpoints saved by transformers >= 4.52 nest the parts as model.language_model.* / model.visual.*;
     the hub's Qwen2-VL files (and this module) use model.* / visual.*."""
@@ -603,14 +611,21 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                     unexpected.append(name)
                 continue
             target = params[name]
-            if (layout == "hf" and name in linear) or (layout == "paddle" and name == "lm_head.weight"
-                                                        and arr.ndim == 2 and arr.shape[::-1] == tuple(target.shape)
-                                                        and arr.shape != tuple(target.shape)):
-                arr = arr.T
-            if tuple(arr.shape) != tuple(target.shape):
-                mismatched.append(f"{name}: file {tuple(arr.shape)} vs model {tuple(target.shape)}")
+            shape = tuple(arr.shape)
+            transpose = (layout == "hf" and name in linear) or (
+                layout == "paddle" and name == "lm_head.weight" and len(shape) == 2
+                and shape[::-1] == tuple(target.shape) and shape != tuple(target.shape))
+            if (shape[::-1] if transpose else shape) != tuple(target.shape):
+                mismatched.append(f"{name}: file {shape[::-1] if transpose else shape} vs model "
+                                  f"{tuple(target.shape)}")
                 continue
-            target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
+            view = W.cpu_float32_view(target) if isinstance(arr, W.TensorSource) else None
+            if view is not None:  # straight from the file into the parameter's memory
+                arr.copy_into(view, transpose=transpose)
+            else:
+                arr = arr.numpy() if isinstance(arr, W.TensorSource) else arr
+                arr = arr.T if transpose else arr
+                target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
             seen.add(name)
         missing = sorted(set(params) - seen)
         problems = []
@@ -634,16 +649,17 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         config = Qwen2VLConfig.from_file(os.path.join(directory, "config.json"))
         layout, files = W.find_weights(directory, allow_pickle=allow_pickle)
         prev = paddle.get_default_dtype()
-        # Create parameters directly in the target dtype and zero-filled: every one is overwritten from the
-        # file, and random initialisation of billions of weights would take minutes on a CPU.
+        # Create parameters directly in the target dtype and uninitialised: every one is overwritten from the
+        # file (a missing one is an error below), and random initialisation of billions of weights takes
+        # minutes on a CPU; even zero-filling them costs seconds.
         paddle.set_default_dtype(dtype)
-        nn.initializer.set_global_initializer(nn.initializer.Constant(0.0), nn.initializer.Constant(0.0))
+        nn.initializer.set_global_initializer(_Uninitialized(), _Uninitialized())
         try:
             model = cls(config)
         finally:
             nn.initializer.set_global_initializer(None, None)
             paddle.set_default_dtype(prev)
-        model.load_hf_tensors(W.iter_tensors(layout, files), layout=layout, source=directory)
+        model.load_hf_tensors(W.iter_sources(layout, files), layout=layout, source=directory)
         model.eval()
         return model
 
