@@ -26,6 +26,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppiad.models import weights as W
+from ppiad.models.kv_cache import StaticKVCache, _LayerView
 from ppiad.utils.io import atomic_write_json
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
@@ -321,18 +322,27 @@ class Qwen2Attention(nn.Layer):
         v = self.v_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if past is not None:
-            k = paddle.concat([past[0], k], axis=2)
-            v = paddle.concat([past[1], v], axis=2)
-        present = (k, v)
+        if isinstance(past, _LayerView):  # preallocated cache: written in place, attention over the whole buffer
+            k, v = past.write(k, v)
+            present = past
+        else:
+            if past is not None:
+                k = paddle.concat([past[0], k], axis=2)
+                v = paddle.concat([past[1], v], axis=2)
+            present = (k, v)
         g = self.num_heads // self.num_kv
-        # grouped-query attention by broadcasting: q [B, Hk, g, T, D] against k, v [B, Hk, 1, S, D]
-        qg = q.reshape([b, self.num_kv, g, t, self.head_dim])
-        scores = paddle.matmul(qg, k.unsqueeze(2), transpose_y=True) / math.sqrt(self.head_dim)
-        scores = scores.astype("float32")
-        scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
-        probs = F.softmax(scores, axis=-1).astype(v.dtype)
-        out = paddle.matmul(probs, v.unsqueeze(2))  # [B, Hk, g, T, D]
+        s = k.shape[2]
+        # grouped-query attention: the g query heads of one key/value head are g*T rows of one matmul
+        # against its keys, q [B, Hk, g*T, D] x k [B, Hk, S, D]^T (no broadcast copy of k or v)
+        qg = q.reshape([b, self.num_kv, g * t, self.head_dim])
+        scores = paddle.matmul(qg, k, transpose_y=True) / math.sqrt(self.head_dim)
+        scores = scores.astype("float32").reshape([b, self.num_kv, g, t, s])
+        if allowed is not None and allowed.dtype == paddle.bool:
+            scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
+        elif allowed is not None:  # additive bias (0 or the most negative float) from a preallocated cache
+            scores = scores + allowed
+        probs = F.softmax(scores, axis=-1).astype(v.dtype).reshape([b, self.num_kv, g * t, s])
+        out = paddle.matmul(probs, v)  # [B, Hk, g*T, D]
         out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
         return self.o_proj(out), present
 
@@ -377,18 +387,33 @@ class Qwen2Model(nn.Layer):
         sec = cfg.mrope_section * 2
         self.axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sec)])
 
+    def _rotary_tables(self):
+        """inv_freq [D/2] and the axis picker [3, 1, 1, D] as tensors, made once (not at every forward)."""
+        if getattr(self, "_tables", None) is None:
+            onehot = np.eye(3, dtype=np.float32)[:, self.axis_of][:, None, None, :]
+            self._tables = (paddle.to_tensor(self.inv_freq), paddle.to_tensor(onehot))
+        return self._tables
+
     def rotary(self, position_ids, dtype):
-        """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied."""
-        pos = position_ids.astype("float32").unsqueeze(-1)  # [3, B, T, 1]
-        freqs = pos * paddle.to_tensor(self.inv_freq)  # [3, B, T, D/2]
-        emb = paddle.concat([freqs, freqs], axis=-1)  # [3, B, T, D]
-        onehot = paddle.to_tensor(np.eye(3, dtype=np.float32)[:, self.axis_of])  # [3, D]: picks the axis
-        cos = (paddle.cos(emb) * onehot[:, None, None, :]).sum(0)
-        sin = (paddle.sin(emb) * onehot[:, None, None, :]).sum(0)
+        """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied.
+
+        [B, T] position ids (text, the same on the three axes: decode steps) give the same values with
+        plain rotary (each channel's value then comes from that one position), in fewer operations.
+        """
+        inv_freq, onehot = self._rotary_tables()
+        freqs = position_ids.astype("float32").unsqueeze(-1) * inv_freq  # [(3,) B, T, D/2]
+        emb = paddle.concat([freqs, freqs], axis=-1)  # [(3,) B, T, D]
+        if position_ids.ndim == 2:
+            cos, sin = paddle.cos(emb), paddle.sin(emb)
+        else:
+            cos = (paddle.cos(emb) * onehot).sum(0)
+            sin = (paddle.sin(emb) * onehot).sum(0)
         return cos.unsqueeze(1).astype(dtype), sin.unsqueeze(1).astype(dtype)
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values, use_cache):
         b, t, _ = inputs_embeds.shape
+        if isinstance(past_key_values, StaticKVCache):
+            return self._forward_static(inputs_embeds, position_ids, past_key_values)
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         s = past_len + t
         if attention_mask is None:
@@ -408,6 +433,20 @@ class Qwen2Model(nn.Layer):
             if use_cache:
                 presents.append(present)
         return self.norm(x), (presents if use_cache else None)
+
+    def _forward_static(self, inputs_embeds, position_ids, cache: StaticKVCache):
+        """One decode step on a preallocated cache: one new token per row; the cache's own bias replaces the
+        attention mask (a single query sees every filled key, so no causal mask is needed)."""
+        b, t, _ = inputs_embeds.shape
+        if t != 1:
+            raise ValueError(f"a StaticKVCache takes one new token per row and step, got {t}")
+        bias = cache.begin_step().reshape([b, 1, 1, 1, cache.capacity])  # broadcasts over (kv head, group)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, bias, cache.layer(i))
+        cache.end_step()
+        return self.norm(x), cache
 
 
 class LMHead(nn.Layer):
@@ -556,7 +595,10 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             gathered = paddle.gather(image_embeds.astype(embeds.dtype), order).reshape(embeds.shape)
             embeds = paddle.where(is_image.unsqueeze(-1), gathered, embeds)
 
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if isinstance(past_key_values, StaticKVCache):
+            past_len = past_key_values.length
+        else:
+            past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         b, t = input_ids.shape
         if position_ids is None:
             if past_len == 0:
@@ -567,8 +609,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             else:
                 raise ValueError("decode steps need position_ids [3, B, T] (cache index + rope_deltas) or "
                                  "rope_deltas from the prefill output")
-        elif position_ids.ndim == 2:
-            position_ids = position_ids.unsqueeze(0).expand([3, b, t])
+        # [B, T] position_ids (text only: the same on the three rotary axes) are passed on as they are
 
         hidden, presents = self.model(embeds, position_ids, attention_mask, past_key_values, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
