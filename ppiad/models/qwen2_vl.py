@@ -187,6 +187,26 @@ class PatchEmbed(nn.Layer):
         return paddle.matmul(pixel_values.astype(w.dtype), w, transpose_y=True)
 
 
+def vision_rotary_tables(cos, sin, num_heads: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """cos, sin [1, N, D] -> cos and signed sin [H, N, D] for `_rotate`, made once per forward for all blocks.
+
+    Paddle's CPU elementwise kernels are several times slower when one operand is broadcast than on equal
+    shapes (measured ~8x for [16, 1936, 80] x [1, 1936, 80]), so the tables are repeated over the heads.
+    The signed sin is (-sin of the first half, sin of the second half): rotate_half(x) * sin equals
+    flip_halves(x) * signed_sin exactly (only signs move).
+    """
+    half = cos.shape[-1] // 2
+    signed = paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
+    return paddle.tile(cos, [num_heads, 1, 1]), paddle.tile(signed, [num_heads, 1, 1])
+
+
+def _rotate(x, cos, signed_sin):
+    """x * cos + rotate_half(x) * sin, with the halves of x swapped by one flip instead of split/neg/concat."""
+    shape = x.shape
+    swapped = paddle.flip(x.reshape(shape[:-1] + [2, shape[-1] // 2]), axis=[-2]).reshape(shape)
+    return x * cos + swapped * signed_sin
+
+
 class VisionAttention(nn.Layer):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -195,20 +215,19 @@ class VisionAttention(nn.Layer):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]
+    def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]; cos, sin: `vision_rotary_tables`
         n = x.shape[0]
         qkv = self.qkv(x).reshape([n, 3, self.num_heads, self.head_dim]).transpose([1, 2, 0, 3])  # [3,H,N,D]
         q, k, v = qkv[0], qkv[1], qkv[2]
         dtype = q.dtype
-        q, k = q.astype("float32"), k.astype("float32")
-        q = (q * cos + rotate_half(q) * sin).astype(dtype)
-        k = (k * cos + rotate_half(k) * sin).astype(dtype)
-        scale = 1.0 / math.sqrt(self.head_dim)
+        # the score scale 1/sqrt(D) is applied to q ([H, N, D]) rather than to the scores ([H, N, N])
+        q = (_rotate(q.astype("float32"), cos, sin) * (1.0 / math.sqrt(self.head_dim))).astype(dtype)
+        k = _rotate(k.astype("float32"), cos, sin).astype(dtype)
         outs = []
         # Full attention within each image, none across images: one small attention per image
         # (a loop over images, not tokens) instead of an N x N block-diagonal mask.
         for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True) * scale
+            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(dtype)
             outs.append(paddle.matmul(probs, v[:, s:e]))
         out = paddle.concat(outs, axis=1) if len(outs) > 1 else outs[0]  # [H, N, D]
@@ -292,7 +311,7 @@ class Qwen2VisionTransformer(nn.Layer):
     def forward(self, pixel_values, grid_thw) -> paddle.Tensor:
         grid = _as_numpy_int(grid_thw).reshape(-1, 3)
         x = self.patch_embed(pixel_values)
-        cos, sin = self.rotary(grid)
+        cos, sin = vision_rotary_tables(*self.rotary(grid), self.cfg.num_heads)
         lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # one attention segment per frame
         cu = [0] + np.cumsum(lengths).tolist()
         if cu[-1] != x.shape[0]:
