@@ -111,3 +111,17 @@ def test_loading_peak_memory_stays_near_the_model_size(tmp_path):
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["model"] > 20e6
     assert m["peak"] - m["before"] <= 1.2 * m["model"] + 2e6, m  # before the fix: 1.45x
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_large_tensor_copied_in_parallel_bands_is_exact(tmp_path, transpose):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2100, 2100)).astype(np.float32)  # above BAND_ROWS and 4M elements: the thread pool runs
+    assert x.shape[0] > W.BAND_ROWS and x.size >= 1 << 22
+    path = str(tmp_path / "x.safetensors")
+    W.save_safetensors(path, {"x": x}, bf16_names=frozenset({"x"}))
+    st = W.SafetensorsFile(path)
+    want = st.get("x").T if transpose else st.get("x")
+    dst = np.full(want.shape, np.nan, np.float32)
+    st.source("x").copy_into(dst, transpose=transpose)
+    np.testing.assert_array_equal(dst, want)

@@ -145,15 +145,40 @@ class TensorSource:
         if tuple(raw.shape) != tuple(dst.shape):
             raise ValueError(f"copy_into: '{self.name}' has shape {raw.shape}, destination {dst.shape}")
         if self.dtype == "BF16":
-            bits = dst.view(np.uint32)
-            _copy(bits, raw)      # uint16 -> uint32 (widened in place of the destination) ...
-            bits <<= 16           # ... bf16 is the top half of a float32
+            _in_bands(_copy_bf16, dst.view(np.uint32), raw)
         else:
-            _copy(dst, raw)       # float32 as is, float16 etc. converted by numpy's assignment
+            _in_bands(_copy, dst, raw)   # float32 as is, float16 etc. converted by numpy's assignment
         self.file.release(self.name)
 
 
 TILE = 256  # rows/columns per block of a transposed copy: a 256 x 256 tile of both arrays stays in cache
+
+
+BAND_ROWS = 1024  # rows of the destination per task when a copy is split over threads
+_POOL = None
+
+
+def _in_bands(fn, dst: np.ndarray, src: np.ndarray) -> None:
+    """fn(dst[rows], src[rows]) over bands of rows, on a thread pool of the CPU-thread count (numpy's copy
+    and conversion loops release the GIL, so the bands run in parallel). Small tensors run inline."""
+    global _POOL
+    if dst.ndim == 0 or dst.shape[0] <= BAND_ROWS or dst.size < (1 << 22):
+        fn(dst, src)
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ppiad.utils.threads import resolve
+
+        _POOL = ThreadPoolExecutor(max(1, resolve()[0]), thread_name_prefix="ppiad-load")
+    bands = range(0, dst.shape[0], BAND_ROWS)
+    for _ in _POOL.map(lambda i: fn(dst[i:i + BAND_ROWS], src[i:i + BAND_ROWS]), bands):
+        pass
+
+
+def _copy_bf16(bits: np.ndarray, raw: np.ndarray) -> None:
+    _copy(bits, raw)   # uint16 -> uint32, widened straight into the destination ...
+    bits <<= 16        # ... bf16 is the top half of a float32
 
 
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
