@@ -151,6 +151,12 @@ def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.concat([-x2, x1], axis=-1)
 
 
+def _cast(x: paddle.Tensor, dtype) -> paddle.Tensor:
+    """x.astype(dtype), skipped when x already has it (even a same-dtype astype costs an op dispatch, ~10 us,
+    which adds up over the ~100 small ops of a decode step)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _neg_large(dtype) -> float:
     # the most negative finite value: fully masked rows (left padding) then soften to uniform, never NaN
     return float(np.finfo(np.float32).min) if dtype == paddle.float32 else -1e30
@@ -164,9 +170,9 @@ class RMSNorm(nn.Layer):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.astype("float32")
+        x = _cast(x, paddle.float32)
         x = x * paddle.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.astype(dtype)
+        return self.weight * _cast(x, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +345,7 @@ class Qwen2Attention(nn.Layer):
         q = self.q_proj(x).reshape([b, t, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
         k = self.k_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
         v = self.v_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # sin: signed (see vision_rotary_tables)
         if isinstance(past, _LayerView):  # preallocated cache: written in place, attention over the whole buffer
             k, v = past.write(k, v)
             present = past
@@ -355,12 +360,12 @@ class Qwen2Attention(nn.Layer):
         # against its keys, q [B, Hk, g*T, D] x k [B, Hk, S, D]^T (no broadcast copy of k or v)
         qg = q.reshape([b, self.num_kv, g * t, self.head_dim])
         scores = paddle.matmul(qg, k, transpose_y=True) / math.sqrt(self.head_dim)
-        scores = scores.astype("float32").reshape([b, self.num_kv, g, t, s])
+        scores = _cast(scores, paddle.float32).reshape([b, self.num_kv, g, t, s])
         if allowed is not None and allowed.dtype == paddle.bool:
             scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
         elif allowed is not None:  # additive bias (0 or the most negative float) from a preallocated cache
             scores = scores + allowed
-        probs = F.softmax(scores, axis=-1).astype(v.dtype).reshape([b, self.num_kv, g * t, s])
+        probs = _cast(F.softmax(scores, axis=-1), v.dtype).reshape([b, self.num_kv, g * t, s])
         out = paddle.matmul(probs, v)  # [B, Hk, g*T, D]
         out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
         return self.o_proj(out), present
@@ -414,7 +419,8 @@ class Qwen2Model(nn.Layer):
         return self._tables
 
     def rotary(self, position_ids, dtype):
-        """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied.
+        """position_ids [3, B, T] -> cos, signed sin [B, 1, T, D] with the multimodal sections applied (signed:
+        the first half negated, for `_rotate`).
 
         [B, T] position ids (text, the same on the three axes: decode steps) give the same values with
         plain rotary (each channel's value then comes from that one position), in fewer operations.
@@ -427,7 +433,9 @@ class Qwen2Model(nn.Layer):
         else:
             cos = (paddle.cos(emb) * onehot).sum(0)
             sin = (paddle.sin(emb) * onehot).sum(0)
-        return cos.unsqueeze(1).astype(dtype), sin.unsqueeze(1).astype(dtype)
+        half = sin.shape[-1] // 2
+        sin = paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
+        return _cast(cos.unsqueeze(1), dtype), _cast(sin.unsqueeze(1), dtype)
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values, use_cache):
         b, t, _ = inputs_embeds.shape
@@ -598,7 +606,8 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         cfg = self.config
         embeds = self.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_id
-        n_image_tokens = int(is_image.astype("int64").sum())
+        # decode steps on a StaticKVCache come from generate(), which never emits image tokens: no check (a sync)
+        n_image_tokens = 0 if isinstance(past_key_values, StaticKVCache) else int(is_image.astype("int64").sum())
         if n_image_tokens:
             if image_embeds is None:
                 if pixel_values is None:
