@@ -21,11 +21,11 @@ _prefer_fast_mkl_path_on_amd()
 
 
 def _default_cpu_threads() -> None:
-    """Paddle runs its math on one thread unless OMP_NUM_THREADS is set before it loads; ppiad's default is
-    the physical cores (divided among launched processes). See ppiad/utils/threads.py."""
+    """Paddle runs its math on one thread by default; ppiad's default is the physical cores (divided among
+    launched processes), applied when Paddle is imported. See ppiad/utils/threads.py."""
     from ppiad.utils import threads
 
-    threads.set_default_before_import()
+    threads.install()
 
 
 _default_cpu_threads()

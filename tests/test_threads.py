@@ -101,3 +101,15 @@ def test_resolve_precedence(monkeypatch):
     monkeypatch.setattr(threads, "_user_env", None)
     monkeypatch.setenv("PADDLE_LOCAL_SIZE", "1")
     assert threads.resolve(0) == (threads.physical_cores(), "default")
+
+
+def test_no_paddle_thread_warning_and_environment_left_as_found():
+    # Paddle warns on stderr when OMP_NUM_THREADS > 1 at its import; ppiad sets the count after the import, so
+    # tools keep one-line error messages, and Paddle's own OMP_NUM_THREADS=1 does not leak into child processes
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = "import ppiad, paddle, os\nprint(os.environ.get('OMP_NUM_THREADS'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OMP_NUM_THREADS" not in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "None"

@@ -11,18 +11,21 @@ Precedence, highest first:
 2. OMP_NUM_THREADS set by the user before ppiad (and Paddle) was imported;
 3. the default above.
 
-Two ways to reach the math library, both measured to set MKL's and OpenMP's thread count (Paddle 3.3.1):
-- before Paddle is imported: the OMP_NUM_THREADS environment variable (`import ppiad` does this, see
-  `set_default_before_import`). Paddle then prints "WARNING: OMP_NUM_THREADS set to N, not 1 ...": it warns
-  because data-parallel processes that each use every core slow each other down; the per-process division
-  above is what avoids that.
-- after: `paddle.base.core.set_num_threads(n)`, Paddle's own setter (MKL_Set_Num_Threads + omp_set_num_threads
-  on the calling thread, which is the thread that runs eager ops).
+How: `paddle.base.core.set_num_threads(n)`, Paddle's own setter (MKL_Set_Num_Threads + omp_set_num_threads
+on the calling thread, the thread that runs eager ops), measured to set both libraries' counts (Paddle 3.3.1).
+`import ppiad` arranges for it to run right after Paddle's own import (`install`), or at once when Paddle is
+already loaded. Setting OMP_NUM_THREADS before Paddle loads would work too, but Paddle then prints
+"WARNING: OMP_NUM_THREADS set to N, not 1 ... PLEASE USE OMP_NUM_THREADS WISELY" on every start (it warns
+because data-parallel processes that each use every core slow each other down, which the per-process division
+above avoids), and that would break every tool's one-line error messages. Paddle leaves OMP_NUM_THREADS=1 in
+the environment; ppiad removes it again when the user had not set it, so child processes start like this one.
 """
 from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.abc
+import importlib.util
 import os
 import sys
 from typing import Optional
@@ -105,31 +108,51 @@ def resolve(cpu_threads: int = 0) -> tuple[int, str]:
     return default_threads(), "default"
 
 
-def set_default_before_import() -> None:
-    """Called by `import ppiad`: remember the user's OMP_NUM_THREADS and, if unset, set ppiad's default.
-
-    If Paddle is already imported the variable no longer matters; Paddle's setter is used instead.
-    """
+def install() -> None:
+    """Called by `import ppiad`: remember the user's OMP_NUM_THREADS, and apply `configure(0)` as soon as
+    Paddle is imported (now, if it already is)."""
     global _user_env, _user_env_known
     if "paddle" in sys.modules:
         configure(0)
         return
     _user_env, _user_env_known = os.environ.get(ENV), True
-    if _parse_env(_user_env) is None:
-        os.environ[ENV] = str(default_threads())
+    if not any(isinstance(f, _AfterPaddleImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterPaddleImport())
+
+
+class _AfterPaddleImport(importlib.abc.MetaPathFinder):
+    """Finds `paddle` like the normal finders do, and runs `_after_paddle_import` once it has executed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "paddle":
+            return None
+        sys.meta_path.remove(self)  # once, and the normal finders do the lookup
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _after_paddle_import()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _after_paddle_import() -> None:
+    if _user_env is None:
+        os.environ.pop(ENV, None)  # Paddle's "1", not the user's: children should choose afresh
+    configure(0)
 
 
 def configure(cpu_threads: int = 0) -> int:
-    """Apply the thread count `resolve(cpu_threads)` gives to Paddle's math library; returns it.
-
-    Sets OMP_NUM_THREADS (for child processes and a later Paddle import) and, when Paddle is loaded,
-    calls Paddle's own setter. Raises ValueError for a negative count.
-    """
+    """Apply the thread count `resolve(cpu_threads)` gives to Paddle's math library when Paddle is loaded;
+    returns it. Raises ValueError for a negative count."""
     if cpu_threads is not None and cpu_threads < 0:
         raise ValueError(f"runtime.cpu_threads must be >= 0 (0 = automatic), got {cpu_threads}")
     n, _ = resolve(cpu_threads or 0)
-    os.environ[ENV] = str(n)
-    if "paddle" in sys.modules:
+    if "paddle" in sys.modules and hasattr(sys.modules["paddle"], "base"):
         from paddle.base import core
 
         core.set_num_threads(n)
