@@ -18,3 +18,14 @@ def _prefer_fast_mkl_path_on_amd() -> None:
 
 
 _prefer_fast_mkl_path_on_amd()
+
+
+def _default_cpu_threads() -> None:
+    """Paddle runs its math on one thread by default; ppiad's default is the physical cores (divided among
+    launched processes), applied when Paddle is imported. See ppiad/utils/threads.py."""
+    from ppiad.utils import threads
+
+    threads.install()
+
+
+_default_cpu_threads()

@@ -186,6 +186,11 @@ SCHEMA: dict = {
         "log_samples_every": Field(0, int, "every N steps the first prompt's rollouts (image, object, completions, "
                                    "rewards, advantages) go to VisualDL as text and image; 0 = off"),
     },
+    "runtime": {
+        "cpu_threads": Field(0, int, "CPU threads of Paddle's math library (MKL/OpenMP) per process; 0 = "
+                             "OMP_NUM_THREADS if set, else the physical cores divided among the processes of a "
+                             "paddle.distributed.launch run on this machine"),
+    },
     "distributed": {
         "sharding": Field("none", str, "parameter/optimizer sharding; stage2/stage3 need GPUs (they run on CPU "
                           "only as a test emulation, PPIAD_EMULATE_SHARDING_ON_CPU=1)",

@@ -47,6 +47,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ppiad.models.kv_cache import StaticKVCache
 from ppiad.prompt import parse_completion
 from ppiad.utils.seed import seeded
 
@@ -461,10 +462,11 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         position_ids, rope_deltas = core.get_rope_index(input_ids, grid, attention_mask)
         out = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                     image_grid_thw=grid, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-        # Share the prefill among the G samples of each prompt.
-        cache = [(_repeat_rows(k, g), _repeat_rows(v, g)) for k, v in out.past_key_values]
+        # Share the prefill among the G samples of each prompt: its keys/values are copied G times into a
+        # preallocated cache that the decode steps then write in place.
+        cache = StaticKVCache.from_prefill(out.past_key_values, attention_mask, capacity=t_prompt + max_new_tokens,
+                                           repeats=g)
         logits = _repeat_rows(_last_logits(out), g)
-        mask = _repeat_rows(attention_mask.astype("int64"), g)
         deltas = _repeat_rows(rope_deltas.reshape([b, 1]).astype("int64"), g)
         del out
 
@@ -479,11 +481,10 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
         done_at = None   # steps this process needs (its rows all stopped); later synced steps are dropped
         for step in range(max_new_tokens):
             if done_at is not None:   # synced: this process is done, others are not; keep their collectives
-                nxt = pad
-                mask = paddle.concat([mask, paddle.zeros([n, 1], dtype="int64")], axis=1)
-                pos = (deltas + (t_prompt + step - 1)).unsqueeze(0).expand([3, n, 1])
-                cache = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
-                              past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+                # pad tokens into the cache's spare slots (capacity t_prompt + max_new_tokens covers the at most
+                # max_new_tokens - 1 decode forwards of any process); their outputs are dropped
+                model(input_ids=pad.unsqueeze(-1), position_ids=deltas + (t_prompt + step - 1),
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
                 if step == max_new_tokens - 1 or _all_done(True):
                     break
                 continue
@@ -507,11 +508,11 @@ def generate(model, inputs: dict, *, num_samples: int = 1, max_new_tokens: int =
                 continue
             if synced:
                 _all_done(False)
-            mask = paddle.concat([mask, valid[-1].astype("int64").unsqueeze(-1)], axis=1)
-            pos = (deltas + (t_prompt + step)).unsqueeze(0).expand([3, n, 1])
-            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            # Rows that have stopped keep stepping on pad tokens; their outputs are discarded, so the cache
+            # needs no per-step mask. Text positions are the same on the three rotary axes: [N, 1] suffices.
+            pos = deltas + (t_prompt + step)
+            out = model(input_ids=nxt.unsqueeze(-1), position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
             logits = _last_logits(out)
             del out
         del cache

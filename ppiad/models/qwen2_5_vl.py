@@ -32,7 +32,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppiad.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLConfig, Qwen2VLForConditionalGeneration, RMSNorm,
-                                   VisionAttention, _as_numpy_int, vision_rotary_cos_sin, vision_rotary_freqs)
+                                   VisionAttention, _as_numpy_int, vision_rotary_cos_sin, vision_rotary_freqs,
+                                   vision_rotary_tables)
 
 QWEN2_5_VL_MODEL_TYPE = "qwen2_5_vl"
 QWEN2_5_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
@@ -184,7 +185,7 @@ class Qwen2_5_VisionTransformer(nn.Layer):
         # reorder whole merge groups (unit consecutive patches), so the merger still sees its groups intact
         freqs = vision_rotary_freqs(grid, cfg.spatial_merge_size, self.rot_inv_freq)
         freqs = freqs.reshape(n // unit, unit, -1)[order].reshape(n, -1)
-        cos, sin = vision_rotary_cos_sin(freqs)
+        cos, sin = vision_rotary_tables(*vision_rotary_cos_sin(freqs), cfg.num_heads)   # VisionAttention's layout
         order_t = paddle.to_tensor(order)
         x = paddle.gather(x.reshape([n // unit, -1]), order_t).reshape([n, -1])
         for i, blk in enumerate(self.blocks):

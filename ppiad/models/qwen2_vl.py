@@ -26,6 +26,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppiad.models import weights as W
+from ppiad.models.kv_cache import StaticKVCache, _LayerView
 from ppiad.utils.io import atomic_write_json
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
@@ -156,6 +157,12 @@ def rotate_half(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.concat([-x2, x1], axis=-1)
 
 
+def _cast(x: paddle.Tensor, dtype) -> paddle.Tensor:
+    """x.astype(dtype), skipped when x already has it (even a same-dtype astype costs an op dispatch, ~10 us,
+    which adds up over the ~100 small ops of a decode step)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _neg_large(dtype) -> float:
     # the most negative finite value: fully masked rows (left padding) then soften to uniform, never NaN
     return float(np.finfo(np.float32).min) if dtype == paddle.float32 else -1e30
@@ -169,9 +176,9 @@ class RMSNorm(nn.Layer):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.astype("float32")
+        x = _cast(x, paddle.float32)
         x = x * paddle.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.astype(dtype)
+        return self.weight * _cast(x, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +209,26 @@ class PatchEmbed(nn.Layer):
         return self.proj(pixel_values)
 
 
+def vision_rotary_tables(cos, sin, num_heads: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """cos, sin [1, N, D] -> cos and signed sin [H, N, D] for `_rotate`, made once per forward for all blocks.
+
+    Paddle's CPU elementwise kernels are several times slower when one operand is broadcast than on equal
+    shapes (measured ~8x for [16, 1936, 80] x [1, 1936, 80]), so the tables are repeated over the heads.
+    The signed sin is (-sin of the first half, sin of the second half): rotate_half(x) * sin equals
+    flip_halves(x) * signed_sin exactly (only signs move).
+    """
+    half = cos.shape[-1] // 2
+    signed = paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
+    return paddle.tile(cos, [num_heads, 1, 1]), paddle.tile(signed, [num_heads, 1, 1])
+
+
+def _rotate(x, cos, signed_sin):
+    """x * cos + rotate_half(x) * sin, with the halves of x swapped by one flip instead of split/neg/concat."""
+    shape = x.shape
+    swapped = paddle.flip(x.reshape(shape[:-1] + [2, shape[-1] // 2]), axis=[-2]).reshape(shape)
+    return x * cos + swapped * signed_sin
+
+
 class VisionAttention(nn.Layer):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -210,20 +237,19 @@ class VisionAttention(nn.Layer):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]
+    def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]; cos, sin: `vision_rotary_tables`
         n = x.shape[0]
         qkv = self.qkv(x).reshape([n, 3, self.num_heads, self.head_dim]).transpose([1, 2, 0, 3])  # [3,H,N,D]
         q, k, v = qkv[0], qkv[1], qkv[2]
         dtype = q.dtype
-        q, k = q.astype("float32"), k.astype("float32")
-        q = (q * cos + rotate_half(q) * sin).astype(dtype)
-        k = (k * cos + rotate_half(k) * sin).astype(dtype)
-        scale = 1.0 / math.sqrt(self.head_dim)
+        # the score scale 1/sqrt(D) is applied to q ([H, N, D]) rather than to the scores ([H, N, N])
+        q = (_rotate(q.astype("float32"), cos, sin) * (1.0 / math.sqrt(self.head_dim))).astype(dtype)
+        k = _rotate(k.astype("float32"), cos, sin).astype(dtype)
         outs = []
         # Full attention within each image, none across images: one small attention per image
         # (a loop over images, not tokens) instead of an N x N block-diagonal mask.
         for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True) * scale
+            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(dtype)
             outs.append(paddle.matmul(probs, v[:, s:e]))
         out = paddle.concat(outs, axis=1) if len(outs) > 1 else outs[0]  # [H, N, D]
@@ -315,7 +341,7 @@ class Qwen2VisionTransformer(nn.Layer):
     def forward(self, pixel_values, grid_thw) -> paddle.Tensor:
         grid = _as_numpy_int(grid_thw).reshape(-1, 3)
         x = self.patch_embed(pixel_values)
-        cos, sin = self.rotary(grid)
+        cos, sin = vision_rotary_tables(*self.rotary(grid), self.cfg.num_heads)
         lengths = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # one attention segment per frame
         cu = [0] + np.cumsum(lengths).tolist()
         if cu[-1] != x.shape[0]:
@@ -344,22 +370,30 @@ class Qwen2Attention(nn.Layer):
         q = self.q_proj(x).reshape([b, t, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
         k = self.k_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
         v = self.v_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if past is not None:
-            k = paddle.concat([past[0], k], axis=2)
-            v = paddle.concat([past[1], v], axis=2)
-        present = (k, v)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # sin: signed (see vision_rotary_tables)
+        if isinstance(past, _LayerView):  # preallocated cache: written in place, attention over the whole buffer
+            k, v = past.write(k, v)
+            present = past
+        else:
+            if past is not None:
+                k = paddle.concat([past[0], k], axis=2)
+                v = paddle.concat([past[1], v], axis=2)
+            present = (k, v)
         if self.attn_implementation == "sdpa":
             return self.o_proj(self._sdpa(q, k, v, allowed)), present
         g = self.num_heads // self.num_kv
-        # grouped-query attention by broadcasting: q [B, Hk, g, T, D] against k, v [B, Hk, 1, S, D]
-        qg = q.reshape([b, self.num_kv, g, t, self.head_dim])
-        scores = paddle.matmul(qg, k.unsqueeze(2), transpose_y=True) / math.sqrt(self.head_dim)
-        scores = scores.astype("float32")
-        scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
-        probs = F.softmax(scores, axis=-1).astype(v.dtype)
-        out = paddle.matmul(probs, v.unsqueeze(2))  # [B, Hk, g, T, D]
+        s = k.shape[2]
+        # grouped-query attention: the g query heads of one key/value head are g*T rows of one matmul
+        # against its keys, q [B, Hk, g*T, D] x k [B, Hk, S, D]^T (no broadcast copy of k or v)
+        qg = q.reshape([b, self.num_kv, g * t, self.head_dim])
+        scores = paddle.matmul(qg, k, transpose_y=True) / math.sqrt(self.head_dim)
+        scores = _cast(scores, paddle.float32).reshape([b, self.num_kv, g, t, s])
+        if allowed is not None and allowed.dtype == paddle.bool:
+            scores = paddle.where(allowed, scores, paddle.full([], _neg_large(scores.dtype), scores.dtype))
+        elif allowed is not None:  # additive bias (0 or the most negative float) from a preallocated cache
+            scores = scores + allowed
+        probs = _cast(F.softmax(scores, axis=-1), v.dtype).reshape([b, self.num_kv, g * t, s])
+        out = paddle.matmul(probs, v)  # [B, Hk, g*T, D]
         out = out.reshape([b, self.num_heads, t, self.head_dim]).transpose([0, 2, 1, 3]).reshape([b, t, -1])
         return self.o_proj(out), present
 
@@ -370,8 +404,11 @@ class Qwen2Attention(nn.Layer):
         average as in the eager path, never NaN. q [B, H, T, D], k, v [B, Hk, S, D] -> [B, T, H*D]."""
         b, _, t, _ = q.shape
         s = k.shape[2]
-        bias = paddle.where(allowed.reshape([b, 1, t, s]), paddle.zeros([], q.dtype),
-                            paddle.full([], _neg_large(q.dtype), q.dtype))
+        if allowed.dtype == paddle.bool:
+            bias = paddle.where(allowed.reshape([b, 1, t, s]), paddle.zeros([], q.dtype),
+                                paddle.full([], _neg_large(q.dtype), q.dtype))
+        else:   # already an additive bias [B, 1, 1, S] (a preallocated decode cache, ppiad.models.kv_cache)
+            bias = allowed.astype(q.dtype)
         out = F.scaled_dot_product_attention(q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3]),
                                              v.transpose([0, 2, 1, 3]), attn_mask=bias, training=False,
                                              scale=1.0 / math.sqrt(self.head_dim))   # [B, T, H, D]
@@ -419,18 +456,36 @@ class Qwen2Model(nn.Layer):
         self.axis_of = np.concatenate([np.full(n, i % 3) for i, n in enumerate(sec)])
         self.recompute = False   # Qwen2VLForConditionalGeneration.set_recompute
 
+    def _rotary_tables(self):
+        """inv_freq [D/2] and the axis picker [3, 1, 1, D] as tensors, made once (not at every forward)."""
+        if getattr(self, "_tables", None) is None:
+            onehot = np.eye(3, dtype=np.float32)[:, self.axis_of][:, None, None, :]
+            self._tables = (paddle.to_tensor(self.inv_freq), paddle.to_tensor(onehot))
+        return self._tables
+
     def rotary(self, position_ids, dtype):
-        """position_ids [3, B, T] -> cos, sin [B, 1, T, D] with the multimodal sections applied."""
-        pos = position_ids.astype("float32").unsqueeze(-1)  # [3, B, T, 1]
-        freqs = pos * paddle.to_tensor(self.inv_freq)  # [3, B, T, D/2]
-        emb = paddle.concat([freqs, freqs], axis=-1)  # [3, B, T, D]
-        onehot = paddle.to_tensor(np.eye(3, dtype=np.float32)[:, self.axis_of])  # [3, D]: picks the axis
-        cos = (paddle.cos(emb) * onehot[:, None, None, :]).sum(0)
-        sin = (paddle.sin(emb) * onehot[:, None, None, :]).sum(0)
-        return cos.unsqueeze(1).astype(dtype), sin.unsqueeze(1).astype(dtype)
+        """position_ids [3, B, T] -> cos, signed sin [B, 1, T, D] with the multimodal sections applied (signed:
+        the first half negated, for `_rotate`).
+
+        [B, T] position ids (text, the same on the three axes: decode steps) give the same values with
+        plain rotary (each channel's value then comes from that one position), in fewer operations.
+        """
+        inv_freq, onehot = self._rotary_tables()
+        freqs = position_ids.astype("float32").unsqueeze(-1) * inv_freq  # [(3,) B, T, D/2]
+        emb = paddle.concat([freqs, freqs], axis=-1)  # [(3,) B, T, D]
+        if position_ids.ndim == 2:
+            cos, sin = paddle.cos(emb), paddle.sin(emb)
+        else:
+            cos = (paddle.cos(emb) * onehot).sum(0)
+            sin = (paddle.sin(emb) * onehot).sum(0)
+        half = sin.shape[-1] // 2
+        sin = paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
+        return _cast(cos.unsqueeze(1), dtype), _cast(sin.unsqueeze(1), dtype)
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key_values, use_cache):
         b, t, _ = inputs_embeds.shape
+        if isinstance(past_key_values, StaticKVCache):
+            return self._forward_static(inputs_embeds, position_ids, past_key_values)
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         s = past_len + t
         if attention_mask is None:
@@ -460,6 +515,20 @@ class Qwen2Model(nn.Layer):
                 presents.append(present)
         return self.norm(x), (presents if use_cache else None)
 
+    def _forward_static(self, inputs_embeds, position_ids, cache: StaticKVCache):
+        """One decode step on a preallocated cache: one new token per row; the cache's own bias replaces the
+        attention mask (a single query sees every filled key, so no causal mask is needed)."""
+        b, t, _ = inputs_embeds.shape
+        if t != 1:
+            raise ValueError(f"a StaticKVCache takes one new token per row and step, got {t}")
+        bias = cache.begin_step().reshape([b, 1, 1, 1, cache.capacity])  # broadcasts over (kv head, group)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, bias, cache.layer(i))
+        cache.end_step()
+        return self.norm(x), cache
+
 
 class LMHead(nn.Layer):
     """Logits = hidden @ weight^T with weight in HF layout [vocab, hidden]; tied heads reuse the embedding."""
@@ -478,6 +547,14 @@ class LMHead(nn.Layer):
     def forward(self, h):
         w = self._tied[0].weight if self._tied is not None else self.weight
         return paddle.matmul(h, w, transpose_y=True)
+
+
+class _Uninitialized(nn.initializer.Initializer):
+    """Gives a parameter memory without writing it (from_pretrained overwrites every parameter)."""
+
+    def forward(self, var, block=None):
+        paddle.empty(var.shape, var.dtype)._share_buffer_to(var)
+        return None
 
 
 def _legacy_name(name: str) -> str:
@@ -607,7 +684,8 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         cfg = self.config
         embeds = self.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_id
-        n_image_tokens = int(is_image.astype("int64").sum())
+        # decode steps on a StaticKVCache come from generate(), which never emits image tokens: no check (a sync)
+        n_image_tokens = 0 if isinstance(past_key_values, StaticKVCache) else int(is_image.astype("int64").sum())
         if n_image_tokens:
             if image_embeds is None:
                 if pixel_values is None:
@@ -623,7 +701,10 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             gathered = paddle.gather(image_embeds.astype(embeds.dtype), order).reshape(embeds.shape)
             embeds = paddle.where(is_image.unsqueeze(-1), gathered, embeds)
 
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if isinstance(past_key_values, StaticKVCache):
+            past_len = past_key_values.length
+        else:
+            past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         b, t = input_ids.shape
         if position_ids is None:
             if past_len == 0:
@@ -634,8 +715,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
             else:
                 raise ValueError("decode steps need position_ids [3, B, T] (cache index + rope_deltas) or "
                                  "rope_deltas from the prefill output")
-        elif position_ids.ndim == 2:
-            position_ids = position_ids.unsqueeze(0).expand([3, b, t])
+        # [B, T] position_ids (text only: the same on the three rotary axes) are passed on as they are
 
         hidden, presents = self.model(embeds, position_ids, attention_mask, past_key_values, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -678,14 +758,21 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                     unexpected.append(name)
                 continue
             target = params[name]
-            if (layout == "hf" and name in linear) or (layout == "paddle" and name == "lm_head.weight"
-                                                        and arr.ndim == 2 and arr.shape[::-1] == tuple(target.shape)
-                                                        and arr.shape != tuple(target.shape)):
-                arr = arr.T
-            if tuple(arr.shape) != tuple(target.shape):
-                mismatched.append(f"{name}: file {tuple(arr.shape)} vs model {tuple(target.shape)}")
+            shape = tuple(arr.shape)
+            transpose = (layout == "hf" and name in linear) or (
+                layout == "paddle" and name == "lm_head.weight" and len(shape) == 2
+                and shape[::-1] == tuple(target.shape) and shape != tuple(target.shape))
+            if (shape[::-1] if transpose else shape) != tuple(target.shape):
+                mismatched.append(f"{name}: file {shape[::-1] if transpose else shape} vs model "
+                                  f"{tuple(target.shape)}")
                 continue
-            target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
+            view = W.cpu_float32_view(target) if isinstance(arr, W.TensorSource) else None
+            if view is not None:  # straight from the file into the parameter's memory
+                arr.copy_into(view, transpose=transpose)
+            else:
+                arr = arr.numpy() if isinstance(arr, W.TensorSource) else arr
+                arr = arr.T if transpose else arr
+                target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
             seen.add(name)
         missing = sorted(set(params) - seen)
         problems = []
@@ -711,16 +798,17 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         config = cls.config_class.from_file(os.path.join(directory, "config.json"))
         layout, files = W.find_weights(directory, allow_pickle=allow_pickle)
         prev = paddle.get_default_dtype()
-        # Create parameters directly in the target dtype and zero-filled: every one is overwritten from the
-        # file, and random initialisation of billions of weights would take minutes on a CPU.
+        # Create parameters directly in the target dtype and uninitialised: every one is overwritten from the
+        # file (a missing one is an error below), and random initialisation of billions of weights takes
+        # minutes on a CPU; even zero-filling them costs seconds.
         paddle.set_default_dtype(dtype)
-        nn.initializer.set_global_initializer(nn.initializer.Constant(0.0), nn.initializer.Constant(0.0))
+        nn.initializer.set_global_initializer(_Uninitialized(), _Uninitialized())
         try:
             model = cls(config)
         finally:
             nn.initializer.set_global_initializer(None, None)
             paddle.set_default_dtype(prev)
-        model.load_hf_tensors(W.iter_tensors(layout, files), layout=layout, source=directory)
+        model.load_hf_tensors(W.iter_sources(layout, files), layout=layout, source=directory)
         model.eval()
         return model
 

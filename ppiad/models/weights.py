@@ -3,18 +3,25 @@
 safetensors is a tiny format: an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 byte offsets) and the raw data. We read it ourselves through a memory map instead of `safetensors.numpy`
 because real Qwen2-VL checkpoints are bfloat16, which numpy has no dtype for: bf16 is the upper half of a
-float32, so widening it is a 16-bit shift. Memory-mapping means only one tensor at a time is materialised,
-so loading a checkpoint does not hold the whole file and the model in RAM at once.
+float32, so widening it is a 16-bit shift.
+
+Loading a model (`TensorSource.copy_into`) converts each tensor straight from the mapped file into the
+parameter's own memory: a numpy view of the mapped bytes is widened (and, for linear weights, transposed in
+cache-sized tiles) into a numpy view of the parameter, with no intermediate full-size copy; the file pages
+of that tensor are then dropped from the process (madvise), so the peak memory of loading is the model plus
+one tile, not model + file.
 
 Pickle-based Paddle files (`model_state.pdparams`) are read only when the caller opts in, because
 unpickling can run arbitrary code.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import struct
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 
@@ -47,7 +54,8 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 class SafetensorsFile:
-    """Read-only view of one .safetensors file; `get(name)` returns a float32/int numpy array."""
+    """Read-only view of one .safetensors file; `get(name)` returns a float32/int numpy array (a copy),
+    `source(name)` a `TensorSource` that reads it lazily."""
 
     def __init__(self, path: str):
         self.path = path
@@ -55,12 +63,18 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
+                size = os.fstat(f.fileno()).st_size
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
         except (OSError, struct.error, ValueError) as exc:
             raise CheckpointError(f"cannot read safetensors file '{path}': {exc}") from exc
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self._data_start = 8 + n
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > 8 + n else None
+        for name, e in self.entries.items():
+            start, end = e.get("data_offsets", (0, -1))
+            if not 0 <= start <= end or self._data_start + end > size:
+                raise CheckpointError(f"'{path}': tensor '{name}' lies outside the file (offsets {start}..{end}, "
+                                      f"file size {size}); the file is truncated or corrupt")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -68,19 +82,133 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored (BF16 as uint16), shaped, without copying (a view of the map)."""
         e = self.entries[name]
         start, end = e["data_offsets"]
-        raw = self._mmap[self._data_start + start: self._data_start + end] if self._mmap is not None else \
-            np.zeros(0, np.uint8)
         dtype = e["dtype"]
         if dtype == "BF16":
-            arr = bf16_to_float32(raw.view(np.uint16))
+            np_dtype = np.uint16
         elif dtype in _NP_DTYPES:
-            arr = np.array(raw.view(_NP_DTYPES[dtype]))  # copy out of the map
+            np_dtype = _NP_DTYPES[dtype]
         else:
             raise CheckpointError(f"'{self.path}': tensor '{name}' has unsupported dtype {dtype}")
-        return arr.reshape(e["shape"])
+        if end == start:
+            return np.zeros(e["shape"], np_dtype)
+        flat = np.frombuffer(self._mmap, dtype=np_dtype, count=(end - start) // np.dtype(np_dtype).itemsize,
+                             offset=self._data_start + start)
+        return flat.reshape(e["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        raw = self.raw(name)
+        if self.entries[name]["dtype"] == "BF16":
+            return bf16_to_float32(raw)
+        return np.array(raw)  # copy out of the map
+
+    def source(self, name: str) -> "TensorSource":
+        return TensorSource(self, name)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's file pages from this process's memory (they stay in the OS page cache)."""
+        if self._mmap is None:
+            return
+        start, end = self.entries[name]["data_offsets"]
+        lo = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = self._data_start + end
+        if hi > lo and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+class TensorSource:
+    """One tensor of a safetensors file, not read yet: `shape`, `numpy()` (float32/int copy) and `copy_into`."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.shape = file.shape(name)
+        self.dtype = file.entries[name]["dtype"]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numpy(self) -> np.ndarray:
+        return self.file.get(self.name)
+
+    def copy_into(self, dst: np.ndarray, transpose: bool = False) -> None:
+        """Write the tensor as float32 into `dst` (a float32 array, e.g. a parameter's memory; shape = the
+        tensor's shape, reversed when `transpose` is set for a 2-D tensor). No full-size temporary is made."""
+        if dst.dtype != np.float32:
+            raise TypeError(f"copy_into: destination must be float32, got {dst.dtype}")
+        raw = self.file.raw(self.name)
+        if transpose:
+            raw = raw.T
+        if tuple(raw.shape) != tuple(dst.shape):
+            raise ValueError(f"copy_into: '{self.name}' has shape {raw.shape}, destination {dst.shape}")
+        if self.dtype == "BF16":
+            _in_bands(_copy_bf16, dst.view(np.uint32), raw)
+        else:
+            _in_bands(_copy, dst, raw)   # float32 as is, float16 etc. converted by numpy's assignment
+        self.file.release(self.name)
+
+
+TILE = 256  # rows/columns per block of a transposed copy: a 256 x 256 tile of both arrays stays in cache
+
+
+BAND_ROWS = 1024  # rows of the destination per task when a copy is split over threads
+_POOL = None
+
+
+def _in_bands(fn, dst: np.ndarray, src: np.ndarray) -> None:
+    """fn(dst[rows], src[rows]) over bands of rows, on a thread pool of the CPU-thread count (numpy's copy
+    and conversion loops release the GIL, so the bands run in parallel). Small tensors run inline."""
+    global _POOL
+    if dst.ndim == 0 or dst.shape[0] <= BAND_ROWS or dst.size < (1 << 22):
+        fn(dst, src)
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ppiad.utils.threads import resolve
+
+        _POOL = ThreadPoolExecutor(max(1, resolve()[0]), thread_name_prefix="ppiad-load")
+    bands = range(0, dst.shape[0], BAND_ROWS)
+    for _ in _POOL.map(lambda i: fn(dst[i:i + BAND_ROWS], src[i:i + BAND_ROWS]), bands):
+        pass
+
+
+def _copy_bf16(bits: np.ndarray, raw: np.ndarray) -> None:
+    _copy(bits, raw)   # uint16 -> uint32, widened straight into the destination ...
+    bits <<= 16        # ... bf16 is the top half of a float32
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src (with dtype conversion); a transposed 2-D source is copied tile by tile, which is several
+    times faster than numpy's element order for large matrices (measured 0.16 s -> 0.05-0.10 s for
+    [8960, 1536])."""
+    if src.ndim != 2 or src.flags.c_contiguous or min(src.shape) <= TILE:
+        dst[...] = src
+        return
+    rows, cols = src.shape
+    for i in range(0, rows, TILE):
+        for j in range(0, cols, TILE):
+            dst[i:i + TILE, j:j + TILE] = src[i:i + TILE, j:j + TILE]
+
+
+def cpu_float32_view(tensor) -> Union[np.ndarray, None]:
+    """A writable numpy view of a dense float32 Paddle tensor in CPU memory (no copy), else None.
+
+    Paddle has no writable zero-copy numpy export (`np.array(t)` copies; DLPack exports are read-only), so
+    the view is made from the tensor's data pointer. It is valid while the tensor lives and is not resized.
+    """
+    import paddle
+
+    if tensor.dtype != paddle.float32 or not tensor.place.is_cpu_place() or not tensor._is_initialized():
+        return None
+    n = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if n == 0:
+        return None
+    buf = (ctypes.c_float * n).from_address(tensor.data_ptr())
+    return np.frombuffer(buf, dtype=np.float32).reshape(tensor.shape)
 
 
 def save_safetensors(path: str, tensors: dict[str, np.ndarray], bf16_names: frozenset = frozenset()) -> None:
@@ -169,11 +297,18 @@ def find_weights(directory: str, allow_pickle: bool = False) -> tuple[str, list[
 
 def iter_tensors(layout: str, files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, numpy array) one tensor at a time."""
+    for name, value in iter_sources(layout, files):
+        yield name, value.numpy() if isinstance(value, TensorSource) else value
+
+
+def iter_sources(layout: str, files: list[str]) -> Iterator[tuple[str, Union[TensorSource, np.ndarray]]]:
+    """Yield (name, TensorSource) for safetensors (read lazily, see `TensorSource.copy_into`), or
+    (name, numpy array) for a Paddle pickle file."""
     if layout == "hf":
         for path in files:
             st = SafetensorsFile(path)
             for name in st.keys():
-                yield name, st.get(name)
+                yield name, st.source(name)
         return
     import paddle
 

@@ -73,6 +73,12 @@ def config_from_args(args: argparse.Namespace, default_model: bool = False) -> C
         cfg.model["path"] = model
     if adapter:
         cfg.model["adapter"] = adapter
+    from ppiad.utils import threads
+
+    try:   # the config's process-wide runtime settings (CPU threads)
+        threads.configure(cfg.runtime.cpu_threads)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'runtime.cpu_threads': {exc}") from exc
     return cfg
 
 
