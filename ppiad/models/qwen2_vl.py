@@ -407,8 +407,8 @@ class Qwen2Attention(nn.Layer):
         if allowed.dtype == paddle.bool:
             bias = paddle.where(allowed.reshape([b, 1, t, s]), paddle.zeros([], q.dtype),
                                 paddle.full([], _neg_large(q.dtype), q.dtype))
-        else:   # already an additive bias [B, 1, 1, S] (a preallocated decode cache, ppiad.models.kv_cache)
-            bias = allowed.astype(q.dtype)
+        else:   # an additive bias [B, 1, 1, 1, S] from a preallocated decode cache (ppiad.models.kv_cache)
+            bias = allowed.astype(q.dtype).reshape([b, 1, 1, s]).expand([b, 1, t, s])
         out = F.scaled_dot_product_attention(q.transpose([0, 2, 1, 3]), k.transpose([0, 2, 1, 3]),
                                              v.transpose([0, 2, 1, 3]), attn_mask=bias, training=False,
                                              scale=1.0 / math.sqrt(self.head_dim))   # [B, T, H, D]
