@@ -156,7 +156,8 @@ def test_serve_on_a_busy_port_exits_2_before_the_model_loads(tmp_path, capsys):
             serve.main(["--model", str(tmp_path), "--port", str(port)],
                        predictor_factory=lambda cfg: loaded.append(cfg), serve=lambda *a: served.append(a))
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and f"cannot serve on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+    assert exc.value.code == 2 and f"cannot serve on 127.0.0.1:{port}" in err and "another --port" in err
+    assert len(err.strip().splitlines()) == 1
     assert not loaded and not served
 
 

@@ -65,8 +65,13 @@ def check_bindable(host: str, port: int) -> None:
             sock.bind(address)
             sock.listen(1)
     except OSError as exc:
-        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (another server on that port? "
-                         f"give --port or --host)") from None
+        import errno
+
+        hint = {errno.EADDRINUSE: "another program listens on that port; give another --port",
+                errno.EADDRNOTAVAIL: "not an address of this machine; give another --host",
+                errno.EACCES: "ports below 1024 need privileges; give another --port"}.get(exc.errno, "")
+        reason = f"{exc.strerror or exc}" + (f" ({hint})" if hint else "")
+        raise UsageError(f"cannot serve on {host}:{port}: {reason}") from None
 
 
 def _default_predictor(cfg):
