@@ -207,7 +207,8 @@ def build_page(page: Page):
             with gr.Column(scale=1, min_width=320):
                 files = gr.File(label="Images", file_count="multiple", type="filepath", elem_id="images")
                 folder = gr.Textbox(label="...or a folder on the server", elem_id="folder",
-                                    placeholder=f"a folder inside {os.path.realpath(info.folder_root)}")
+                                    placeholder=f"a folder inside {os.path.realpath(info.folder_root)} "
+                                                "(or relative to it)")
                 obj = gr.Textbox(label="Object name", elem_id="object",
                                  placeholder=f"default: {info.default_object} (a folder: its name)")
                 threshold = gr.Slider(0.0, 1.0, value=info.threshold, step=0.01, elem_id="threshold",
