@@ -163,8 +163,13 @@ def test_serve_checks_before_loading_the_model(tmp_path, capsys):
             serve.main(argv + extra, predictor_factory=factory, serve=lambda *a: served.append(a))
         assert exc.value.code == 2 and msg in capsys.readouterr().err
     assert not loaded and not served
-    assert serve.main(argv + ["--port", "8123"], predictor_factory=factory,
+    import socket
+
+    with socket.socket() as s:  # a port that is free now (serve checks it can bind before the model loads)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert serve.main(argv + ["--port", str(port)], predictor_factory=factory,
                       serve=lambda app, host, port: served.append((app, host, port))) == 0
-    assert len(loaded) == 1 and served[0][1:] == ("127.0.0.1", 8123)
+    assert len(loaded) == 1 and served[0][1:] == ("127.0.0.1", port)
     out = capsys.readouterr().out
     assert "threshold 0.7000 (calibrated" in out and "model loaded in" in out

@@ -142,7 +142,7 @@ def test_placeholder_count_must_match_images(proc):
 
 def test_max_prompt_length_error_names_the_length(qwen_dir):
     p = Qwen2VLProcessor.from_pretrained(qwen_dir, max_pixels=MAX_PIXELS, max_prompt_length=100)
-    with pytest.raises(ValueError, match=r"prompt is \d+ tokens .*max_prompt_length=100"):
+    with pytest.raises(ValueError, match=r"prompt is \d+ tokens .*model.max_prompt_length=100"):
         p.build_inputs([_image(640, 480)], ["pill"])
 
 

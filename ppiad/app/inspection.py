@@ -90,13 +90,20 @@ def default_threshold(metrics_path: str | None = None, configured: float = -1.0)
     return 0.5, "default"
 
 
-def read_upload(data: bytes, name: str, max_bytes: int) -> Image.Image:
-    """Uploaded bytes -> 8-bit RGB image (ppiad.data.images.load_image), or InputError with one line."""
+def _check_size(shown: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise InputError(f"'{shown}' is too large: {size / 1e6:.1f} MB, the limit is {max_bytes / 1e6:.1f} MB")
+
+
+def read_upload(data: bytes, name: str, max_bytes: int, size: int | None = None) -> Image.Image:
+    """Uploaded bytes -> 8-bit RGB image (ppiad.data.images.load_image), or InputError with one line.
+
+    `size`: the upload's full size in bytes when `data` holds only its first max_bytes + 1 (the too-large message
+    names the real size); default len(data)."""
     name = os.path.basename(name or "upload") or "upload"
     if not data:
         raise InputError(f"'{name}' is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise InputError(f"'{name}' is too large: {len(data) / 1e6:.1f} MB, the limit is {max_bytes / 1e6:.1f} MB")
+    _check_size(name, max(len(data), size or 0), max_bytes)
     with tempfile.TemporaryDirectory(prefix="ppiad_upload_") as tmp:
         path = os.path.join(tmp, name)
         with open(path, "wb") as f:
@@ -113,8 +120,7 @@ def read_image_file(path: str, max_bytes: int, shown_name: str | None = None) ->
         size = os.path.getsize(path)
     except OSError as exc:
         raise InputError(f"'{shown}': cannot read it ({exc.strerror})") from None
-    if size > max_bytes:
-        raise InputError(f"'{shown}' is too large: {size / 1e6:.1f} MB, the limit is {max_bytes / 1e6:.1f} MB")
+    _check_size(shown, size, max_bytes)
     try:
         return load_image(path)
     except ImageLoadError as exc:

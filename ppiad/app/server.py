@@ -56,9 +56,12 @@ def _object(typed: str | None, fallback: str, object_names: dict) -> str:
 
 
 def list_server_folder(folder: str, root: str, max_images: int) -> tuple[list[str], int]:
-    """(image paths, skipped non-image entries) of a folder on the server, which must lie inside `root`."""
+    """(image paths, skipped non-image entries) of a folder on the server, which must lie inside `root`; a
+    relative `folder` is taken relative to `root` (ppiad serve --folder_root), not the server's working directory."""
     from ppiad.data.images import is_image_file
 
+    if not os.path.isabs(os.path.expanduser(folder)):
+        folder = os.path.join(root, folder)
     real, real_root = os.path.realpath(folder), os.path.realpath(root)
     if os.path.commonpath([real, real_root]) != real_root:
         raise InputError(f"folder '{folder}' is outside the folder the server may read ({real_root}; "
@@ -204,7 +207,8 @@ def build_page(page: Page):
             with gr.Column(scale=1, min_width=320):
                 files = gr.File(label="Images", file_count="multiple", type="filepath", elem_id="images")
                 folder = gr.Textbox(label="...or a folder on the server", elem_id="folder",
-                                    placeholder=f"a folder inside {os.path.realpath(info.folder_root)}")
+                                    placeholder=f"a folder inside {os.path.realpath(info.folder_root)} "
+                                                "(or relative to it)")
                 obj = gr.Textbox(label="Object name", elem_id="object",
                                  placeholder=f"default: {info.default_object} (a folder: its name)")
                 threshold = gr.Slider(0.0, 1.0, value=info.threshold, step=0.01, elem_id="threshold",
@@ -231,11 +235,30 @@ def _guard(fn, n_out: int):
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - shown to the user, the server stays up
-            message = str(exc) if isinstance(exc, InputError) else f"error: {type(exc).__name__}: {exc}"
+            # InputError and PromptTooLongError (both ValueError) are the user's to fix: their message as it is
+            message = _one_line(exc) if isinstance(exc, ValueError) else f"error: {type(exc).__name__}: {exc}"
             out = [gr.skip()] * n_out
             out[-4] = f"**{message}**"
             return tuple(out)
     return wrapped
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _upload_size(upload) -> int | None:
+    """The uploaded file's full size in bytes (the request body is already spooled by the server), or None."""
+    size = getattr(upload, "size", None)
+    if size is not None:
+        return int(size)
+    try:
+        pos = upload.file.tell()
+        end = upload.file.seek(0, os.SEEK_END)
+        upload.file.seek(pos)
+        return int(end)
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def build_app(inspector: Inspector, info: AppInfo, work_dir: str | None = None):
@@ -263,11 +286,11 @@ def build_app(inspector: Inspector, info: AppInfo, work_dir: str | None = None):
             if image is None:
                 raise InputError("no file in the multipart field 'image'")
             data = await image.read(inspector.max_bytes + 1)
-            img = read_upload(data, image.filename or "upload", inspector.max_bytes)
-        except InputError as exc:
-            return JSONResponse(status_code=400, content={"error": str(exc)})
-        obj = _object(object, info.default_object, info.object_names)
-        (result,) = await run_in_threadpool(inspector.inspect, [img], [image.filename or "upload"], obj)
+            img = read_upload(data, image.filename or "upload", inspector.max_bytes, size=_upload_size(image))
+            obj = _object(object, info.default_object, info.object_names)
+            (result,) = await run_in_threadpool(inspector.inspect, [img], [image.filename or "upload"], obj)
+        except ValueError as exc:  # InputError, PromptTooLongError, the image or text the processor refuses
+            return JSONResponse(status_code=400, content={"error": _one_line(exc)})
         return result.to_json(t)
 
     page = Page(inspector, info, work_dir)

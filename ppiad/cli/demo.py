@@ -1,4 +1,4 @@
-"""The embedded default end to end on a CPU (what `make demo` runs).
+"""Train and evaluate LR-IAD end to end on a CPU: synthetic data, a tiny stand-in model, GRPO (what `make demo` runs).
 
     python tools/demo.py                       # configs/demo.yaml
     python tools/demo.py -o train.max_steps=50 # any config key, as for the other tools

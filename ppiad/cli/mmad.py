@@ -3,7 +3,8 @@
     python tools/mmad.py -c configs/lriad_mvtec.yaml --mmad_json data/MMAD/mmad.json            (1-shot detection)
     python tools/mmad.py -c configs/lriad_mvtec.yaml --mmad_json data/MMAD/mmad.json --subtasks all --shots 0
 
-Output (default <output_dir>/<run_name>/mmad_<subtasks>_<k>shot_<model>): identity.json, answers.jsonl (resumable),
+Output (default <output_dir>/<run_name>/mmad_<subtasks>_<k>shot_<model tag>, the tag being <model dir>_base
+or <model dir>_<adapter name>-<8 hex of the adapter's content hash>): identity.json, answers.jsonl (resumable),
 mmad_metrics.json (MMAD's figures per source and ppiad's detection figures), mmad_report.md, config.yaml.
 Before the model loads, MMAD's query images are compared with data.train's images by content (leakage guard,
 ppiad.data.leakage): LR-IAD's "All" partitions hold the test images MMAD asks about; data.allow_overlap=true runs
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", choices=("random", "similar"), default="random",
                    help="MMAD's random_templates (default) or similar_templates")
     p.add_argument("--max_images", type=int, default=-1, help="at most this many images, evenly spread (-1 = all)")
-    p.add_argument("--output_dir", help="where answers and the report go")
+    p.add_argument("--output_dir", help="where answers and the report go (default: see above; it names the adapter)")
     return p
 
 

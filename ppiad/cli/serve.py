@@ -11,7 +11,7 @@ decision threshold, results, a gallery by P(defect), CSV download). The API on t
     curl http://127.0.0.1:7860/api/health
 The threshold defaults to the calibrated threshold of --metrics (an evaluation's metrics.json or its folder),
 else eval.threshold when set, else 0.5. The server binds to 127.0.0.1 unless --host says otherwise.
-Exit code 2 on bad input (one-line reason) before the model loads.
+Exit code 2 on bad input (one-line reason), a busy port or an address it cannot bind, before the model loads.
 """
 from __future__ import annotations
 
@@ -47,6 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise UsageError (one line) unless a TCP socket can listen on host:port now: bind one, then close it.
+
+    uvicorn binds again afterwards (a race with another process is possible but rare); SO_REUSEADDR as uvicorn
+    sets it, so a port in TIME_WAIT is not refused while one another process listens on is."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--host '{host}' is not an address this machine can bind ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1)
+    except OSError as exc:
+        import errno
+
+        hint = {errno.EADDRINUSE: "another program listens on that port; give another --port",
+                errno.EADDRNOTAVAIL: "not an address of this machine; give another --host",
+                errno.EACCES: "ports below 1024 need privileges; give another --port"}.get(exc.errno, "")
+        reason = f"{exc.strerror or exc}" + (f" ({hint})" if hint else "")
+        raise UsageError(f"cannot serve on {host}:{port}: {reason}") from None
+
+
 def _default_predictor(cfg):
     from ppiad.eval.predictor import ModelPredictor
 
@@ -66,6 +93,7 @@ def main(argv=None, predictor_factory=None, serve=None) -> int:
         require(cfg, "model.path", "the Qwen2-VL checkpoint folder to serve (or --model DIR)")
         if not 0 < args.port < 65536:
             raise UsageError(f"--port must be in 1..65535, got {args.port}")
+        check_bindable(args.host, args.port)  # a busy port or a bad --host: say so before the model loads
         if not os.path.isdir(args.folder_root):
             raise UsageError(f"--folder_root '{args.folder_root}' is not a folder")
         if args.max_images <= 0:

@@ -31,6 +31,19 @@ MAX_ASPECT_RATIO = 200
 DEFAULT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja")
 
 
+class PromptTooLongError(ValueError):
+    """A prompt longer than model.max_prompt_length tokens (image tokens included): a setting or an input the
+    user can fix (a shorter object name or question, a lower model.max_pixels, a higher limit).
+
+    `length` and `limit` are token counts; the message is one line naming both and the config key."""
+
+    def __init__(self, length: int, limit: int):
+        self.length, self.limit = int(length), int(limit)
+        super().__init__(f"the prompt is {self.length} tokens (image tokens included), more than "
+                         f"model.max_prompt_length={self.limit}; shorten the object name or text, lower "
+                         f"model.max_pixels, or raise model.max_prompt_length")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------------------
@@ -329,9 +342,7 @@ class Qwen2VLProcessor:
         rows = self.tokenizer.encode_batch(texts)
         longest = max(len(r) for r in rows)
         if self.max_prompt_length is not None and longest > self.max_prompt_length:
-            raise ValueError(f"prompt is {longest} tokens (image tokens included), longer than "
-                             f"max_prompt_length={self.max_prompt_length}; lower model.max_pixels or raise "
-                             f"model.max_prompt_length")
+            raise PromptTooLongError(longest, self.max_prompt_length)
         input_ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
         for i, row in enumerate(rows):

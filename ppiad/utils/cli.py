@@ -65,10 +65,14 @@ def config_from_args(args: argparse.Namespace, default_model: bool = False) -> C
         cfg = load_config(config)
         cfg.model["adapter"] = demo_adapter
         cfg = apply_overrides(cfg, args.opt)
-        print(f"note: no -c/--config or --model given: using the demo's trained model ({cfg.model.path} + "
-              f"adapter {cfg.model.adapter}, config {config})", file=sys.stderr)
-    else:
-        cfg = load_config(args.config, args.opt)
+        if adapter:
+            cfg.model["adapter"] = adapter
+        # the note names what is used: --adapter (or -o model.adapter) replaces the demo's trained adapter
+        which = "trained model" if cfg.model.adapter == demo_adapter else "model with another adapter"
+        print(f"note: no -c/--config or --model given: using the demo's {which} ({cfg.model.path} + adapter "
+              f"{cfg.model.adapter or '(none)'}, config {config})", file=sys.stderr)
+        return cfg
+    cfg = load_config(args.config, args.opt)
     if model:
         cfg.model["path"] = model
     if adapter:
@@ -87,10 +91,12 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and exit code 2; others keep their traceback."""
     from ppiad.data.images import ImageLoadError
     from ppiad.data.registry import DatasetError
+    from ppiad.models.processor import PromptTooLongError
     from ppiad.utils.identity import IdentityError
 
     try:
         yield
-    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError) as exc:
+    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError,
+            PromptTooLongError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
