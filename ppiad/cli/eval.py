@@ -164,6 +164,11 @@ def compare(args) -> int:
     except (ValueError, KeyError) as exc:
         raise UsageError(f"--compare: {exc}") from exc
     print(text)
+    from ppiad.eval.report import image_count_warning, load_metrics
+
+    warning = image_count_warning([(name, load_metrics(m)) for name, m in runs])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"written: {out}")
     return 0
 
