@@ -117,20 +117,21 @@ def flat_settings(node: Mapping, prefix: str, exclude: frozenset | set = frozens
 
 
 def check_identity(folder: str, wanted: Mapping, what: str, hint: str, has_results: bool | None = None,
-                   filename: str = IDENTITY_FILE) -> bool:
+                   filename: str = IDENTITY_FILE, ignore: frozenset | set = frozenset()) -> bool:
     """Stop if `folder` holds results of other settings. Returns True when the folder's identity matches,
     False when the folder has no identity and no results yet (a fresh start).
 
     `has_results`: whether the folder already holds results (default: it exists and is not empty); results
     without identity.json (from an older ppiad) are refused too. `what` names the results, `hint` says what to
-    do instead (another output folder, delete it). Raises IdentityError with one line."""
+    do instead (another output folder, delete it). `ignore`: keys left out of the comparison (settings an
+    older ppiad recorded that no longer count). Raises IdentityError with one line."""
     path = os.path.join(folder, filename)
     if os.path.isfile(path):
         try:
             stored = read_json(path)
         except ValueError as exc:
             raise IdentityError(f"{exc}; {hint}") from None
-        diff = differing_keys(stored, _plain(wanted))
+        diff = [k for k in differing_keys(stored, _plain(wanted)) if k not in ignore]
         if diff:
             raise IdentityError(f"'{folder}' holds {what} made with other settings (differing: {', '.join(diff)}); "
                                 f"{hint}")
