@@ -1,0 +1,22 @@
+"""Re-running a finished training run with train.resume=auto reports the checkpoint it holds (fix round: it
+returned "checkpoint": null and logged "last checkpoint None" although step_000002 existed)."""
+import os
+
+from ppiad.config import load_config
+from ppiad.rl.trainer import GRPOTrainer
+
+from tests.test_trainer import assets, tiny_overrides  # noqa: F401  (module-scoped fixture)
+
+
+def test_finished_run_rerun_reports_its_last_checkpoint(assets, tmp_path):  # noqa: F811
+    out = str(tmp_path)
+    opts = tiny_overrides(assets, out, "done", "train.max_steps=2", "train.save_every=1")
+    first = GRPOTrainer(load_config(None, opts)).train()
+    expected = os.path.join(out, "done", "checkpoints", "step_000002")
+    assert first["step"] == 2 and os.path.samefile(first["checkpoint"], expected)
+    again = GRPOTrainer(load_config(None, opts + ["train.resume=auto"])).train()
+    assert again["step"] == 2 and again["checkpoint"] is not None
+    assert os.path.samefile(again["checkpoint"], expected)
+    with open(os.path.join(out, "done", "train.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert "last checkpoint None" not in log and log.rstrip().endswith(f"last checkpoint {again['checkpoint']}")
