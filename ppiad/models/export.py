@@ -157,8 +157,10 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
             atomic_write_text(os.path.join(tmp, "chat_template.json"),
                               json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n")
         from ppiad import __version__
+        from ppiad.utils.identity import adapter_fingerprint, resolve_adapter
 
-        summary = {"base_model": os.path.abspath(model_path), "adapter": os.path.abspath(adapter) if adapter else None,
+        summary = {"base_model": os.path.abspath(model_path), "adapter": resolve_adapter(adapter) if adapter else None,
+                   "adapter_sha256": adapter_fingerprint(adapter) if adapter else None,
                    "merged_in": "float32", "dtype": dtype, "weight_files": files,
                    "total_bytes": sum(sizes.values()), "ppiad_version": __version__}
         atomic_write_json(os.path.join(tmp, EXPORT_INFO), summary)

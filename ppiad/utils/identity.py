@@ -79,6 +79,20 @@ def adapter_fingerprint(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def resolve_adapter(path: str) -> str:
+    """The absolute path of the adapter `path` names, with a trainer's `checkpoints/latest` pointer resolved to
+    the step directory it points at (so records say which checkpoint was used); "" for "".
+    Raises FileNotFoundError when there are no adapter weights there."""
+    if not path:
+        return ""
+    from ppiad.models.lora import _resolve   # the loader's own rule for directories, files and `latest`
+
+    weights, _ = _resolve(path)
+    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
+        return os.path.abspath(os.path.dirname(weights))
+    return os.path.abspath(path)
+
+
 def text_fingerprint(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
