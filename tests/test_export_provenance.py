@@ -46,3 +46,23 @@ def test_export_records_the_resolved_adapter_and_its_hash(run):
         info = json.load(f)
     assert info["adapter"] == run["step"]
     assert info["adapter_sha256"] == adapter_fingerprint(run["step"]) and info["adapter_sha256"].startswith("sha256:")
+
+
+def test_base_model_mismatch_is_flagged(run, tmp_path):
+    from ppiad.models.tiny import build_tiny_checkpoint
+    from ppiad.rl.checkpoint import TRAINER_STATE
+    from ppiad.utils.identity import base_model_mismatch, model_fingerprint
+
+    state = os.path.join(run["step"], TRAINER_STATE)
+    assert base_model_mismatch(run["latest"], run["ckpt"]) is None          # nothing recorded: no claim
+    with open(state, "w") as f:
+        json.dump({"step": 3, "base_model_fingerprint": model_fingerprint(run["ckpt"])}, f)
+    assert base_model_mismatch(run["latest"], run["ckpt"]) is None          # the same base
+    other = build_tiny_checkpoint(str(tmp_path / "other"), seed=1)
+    warning = base_model_mismatch(run["latest"], other)
+    assert warning and run["step"] in warning and "another base model" in warning
+    logs = []
+    from ppiad.models.export import export_hf
+    export_hf(other, run["latest"], str(tmp_path / "exp"), dtype="float32", log=logs.append)
+    assert any(m.startswith("warning: ") and "another base model" in m for m in logs)
+    os.remove(state)

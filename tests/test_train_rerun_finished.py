@@ -1,5 +1,6 @@
 """Re-running a finished training run with train.resume=auto reports the checkpoint it holds (fix round: it
 returned "checkpoint": null and logged "last checkpoint None" although step_000002 existed)."""
+import json
 import os
 
 from ppiad.config import load_config
@@ -14,6 +15,10 @@ def test_finished_run_rerun_reports_its_last_checkpoint(assets, tmp_path):  # no
     first = GRPOTrainer(load_config(None, opts)).train()
     expected = os.path.join(out, "done", "checkpoints", "step_000002")
     assert first["step"] == 2 and os.path.samefile(first["checkpoint"], expected)
+    from ppiad.utils.identity import model_fingerprint   # checkpoints record the base model they were trained on
+
+    with open(os.path.join(expected, "trainer_state.json"), encoding="utf-8") as f:
+        assert json.load(f)["base_model_fingerprint"] == model_fingerprint(assets["model"])
     again = GRPOTrainer(load_config(None, opts + ["train.resume=auto"])).train()
     assert again["step"] == 2 and again["checkpoint"] is not None
     assert os.path.samefile(again["checkpoint"], expected)

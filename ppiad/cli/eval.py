@@ -26,7 +26,7 @@ import sys
 
 from ppiad.config import ConfigError, require, save_config
 from ppiad.utils.cli import UsageError, add_config_args, add_model_args, config_from_args, user_errors
-from ppiad.utils.identity import digest, resolve_adapter, write_identity
+from ppiad.utils.identity import base_model_mismatch, digest, resolve_adapter, write_identity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +108,9 @@ def run(args, cfg, predictor_factory) -> int:
     out_dir = args.output_dir or default_output_dir(cfg)
     identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()
+    mismatch = base_model_mismatch(cfg.model.adapter, model_path)   # loaded anyway, but never silently
+    if mismatch and rank == 0:
+        print(f"warning: {mismatch}", file=sys.stderr)
     predictor = predictor_factory(cfg)  # after the cheap checks: loading a 7B model takes a while
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -121,6 +124,8 @@ def run(args, cfg, predictor_factory) -> int:
             "partition": part.split, "categories": ", ".join(part.categories) or "all",
             "decoding": ("sampling, temperature %g" % cfg.eval.temperature) if cfg.eval.do_sample else "greedy",
             "max_new_tokens": cfg.eval.max_new_tokens, "identity": f"{digest(identity)} (identity.json)"}
+    if mismatch:
+        meta["warning"] = mismatch
     # run_evaluation adds k ("reference images (k-shot)") and the reference pool to the meta
     name = os.path.basename(resolve_adapter(cfg.model.adapter) if cfg.model.adapter else os.path.normpath(model_path))
     if cfg.model.adapter:

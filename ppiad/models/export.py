@@ -107,7 +107,11 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
     model = AutoModel.from_pretrained(model_path, dtype="float32", allow_pickle=allow_pickle)
     if adapter:
         from ppiad.models.lora import load_adapter, merge_adapter
+        from ppiad.utils.identity import base_model_mismatch
 
+        mismatch = base_model_mismatch(adapter, model_path)
+        if mismatch:
+            log(f"warning: {mismatch}")
         load_adapter(model, adapter)
         merge_adapter(model)  # in float32: the model was loaded in float32 above
     log(f"loaded {model_path}" + (f" + adapter {adapter} (merged in float32)" if adapter else "") +

@@ -682,6 +682,16 @@ class GRPOTrainer:
         self.start_step, self.resumed_from = state.step, path
         self.log.info(f"resumed from {path} at step {state.step}")
 
+    def _base_fingerprint(self) -> Optional[str]:
+        """The base model's fingerprint (rank 0, computed once), recorded in every checkpoint."""
+        if self.env.rank != 0:
+            return None
+        if getattr(self, "_base_fp", None) is None:
+            from ppiad.utils.identity import model_fingerprint
+
+            self._base_fp = model_fingerprint(self.cfg.model.path)
+        return self._base_fp
+
     def _save(self, step: int, metrics: dict) -> str:
         from ppiad.models.lora import lora_state_dict, save_adapter
 
@@ -695,7 +705,7 @@ class GRPOTrainer:
             lr_scheduler=self.scheduler, rng=get_rng_state(), data_position=self.plan.position(step),
             config=self.cfg, metrics=metrics, param_names=self.param_names, rank=self.env.rank,
             world_size=self.env.world_size, sharded_optimizer=self.sharded_optimizer,
-            barrier=lambda: distributed.barrier(self.env))
+            barrier=lambda: distributed.barrier(self.env), base_model=self._base_fingerprint())
         self.log.info(f"checkpoint {path}")
         return path
 

@@ -93,6 +93,26 @@ def resolve_adapter(path: str) -> str:
     return os.path.abspath(path)
 
 
+def base_model_mismatch(adapter: str, model_path: str) -> str | None:
+    """A one-line warning when the training checkpoint holding `adapter` records a base model
+    (`base_model_fingerprint` in its trainer_state.json, ppiad.rl.checkpoint) other than `model_path`'s;
+    None when they match or nothing is recorded (an adapter saved outside a training run, an older ppiad)."""
+    if not adapter:
+        return None
+    where = resolve_adapter(adapter)
+    state = os.path.join(where if os.path.isdir(where) else os.path.dirname(where), "trainer_state.json")
+    if not os.path.isfile(state):
+        return None
+    try:
+        recorded = read_json(state).get("base_model_fingerprint")
+    except (ValueError, AttributeError):
+        return None
+    if not recorded or recorded == model_fingerprint(model_path):
+        return None
+    return (f"adapter '{where}' was trained on another base model than '{model_path}' (fingerprints "
+            f"{recorded[:19]} vs {model_fingerprint(model_path)[:19]}): its results will not be those of training")
+
+
 def text_fingerprint(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
