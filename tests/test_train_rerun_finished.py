@@ -25,3 +25,18 @@ def test_finished_run_rerun_reports_its_last_checkpoint(assets, tmp_path):  # no
     with open(os.path.join(out, "done", "train.log"), encoding="utf-8") as f:
         log = f.read()
     assert "last checkpoint None" not in log and log.rstrip().endswith(f"last checkpoint {again['checkpoint']}")
+
+
+def test_finished_constant_schedule_run_extends(assets, tmp_path):  # noqa: F811
+    """train.resume=auto with a larger train.max_steps continues a finished run (constant lr, no warm-up)."""
+    from tests.conftest import load_tool
+
+    tool = load_tool("train")
+    opts = tiny_overrides(assets, str(tmp_path), "ext", "train.max_steps=1", "train.save_every=1",
+                          "train.lr_schedule=constant", "train.warmup_ratio=0")
+    tool.check_run_identity(load_config(None, opts))
+    GRPOTrainer(load_config(None, opts)).train()
+    longer = load_config(None, opts + ["train.resume=auto", "train.max_steps=2"])
+    tool.check_run_identity(longer)
+    summary = GRPOTrainer(longer).train()
+    assert summary["step"] == 2 and summary["checkpoint"].endswith("step_000002")
