@@ -91,7 +91,11 @@ def test_eval_resume_and_adapter_in_process(setup):
     assert eval_tool.main(["-c", cfg, "-o", f"model.adapter={adapter}", "--output_dir", out2, "--no_progress"],
                           predictor_factory=factory) == 0
     meta = json.load(open(os.path.join(out2, "metrics.json")))["meta"]
-    assert meta["adapter"] == adapter
+    from ppiad.utils.identity import adapter_fingerprint
+
+    assert meta["adapter"] == f"{os.path.abspath(adapter)} ({adapter_fingerprint(adapter)})"  # path + content hash
+    title = json.load(open(os.path.join(out2, "metrics.json")))["title"]
+    assert title.startswith(f"adapter ({adapter_fingerprint(adapter)[:19]}) on ")   # the headline names the hash
     assert counters[-1].images == N_IMAGES
     # The merged adapter changes the model: P(A) moves on every image.
     base_scores = [r["score"] for r in read_jsonl(os.path.join(out, "predictions.jsonl"))]

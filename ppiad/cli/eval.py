@@ -26,7 +26,7 @@ import sys
 
 from ppiad.config import ConfigError, require, save_config
 from ppiad.utils.cli import UsageError, add_config_args, add_model_args, config_from_args, user_errors
-from ppiad.utils.identity import digest, write_identity
+from ppiad.utils.identity import base_model_mismatch, digest, resolve_adapter, write_identity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,19 +108,28 @@ def run(args, cfg, predictor_factory) -> int:
     out_dir = args.output_dir or default_output_dir(cfg)
     identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()
+    mismatch = base_model_mismatch(cfg.model.adapter, model_path)   # loaded anyway, but never silently
+    if mismatch and rank == 0:
+        print(f"warning: {mismatch}", file=sys.stderr)
     predictor = predictor_factory(cfg)  # after the cheap checks: loading a 7B model takes a while
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_identity(out_dir, identity)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    adapter = cfg.model.adapter or "base model"
+    # the checkpoint really used (a `latest` pointer resolved) and its content hash, not the name given
+    adapter = (f"{resolve_adapter(cfg.model.adapter)} ({identity['model.adapter']})" if cfg.model.adapter
+               else "base model")
     meta = {"model": model_path, "adapter": adapter, "dataset": part.dataset, "root": part.root,
             "partition": part.split, "categories": ", ".join(part.categories) or "all",
             "decoding": ("sampling, temperature %g" % cfg.eval.temperature) if cfg.eval.do_sample else "greedy",
             "max_new_tokens": cfg.eval.max_new_tokens, "identity": f"{digest(identity)} (identity.json)"}
+    if mismatch:
+        meta["warning"] = mismatch
     # run_evaluation adds k ("reference images (k-shot)") and the reference pool to the meta
-    name = os.path.basename(os.path.normpath(cfg.model.adapter or model_path))
+    name = os.path.basename(resolve_adapter(cfg.model.adapter) if cfg.model.adapter else os.path.normpath(model_path))
+    if cfg.model.adapter:
+        name += f" ({identity['model.adapter'][:19]})"   # sha256:<12 hex> of the adapter's content
     title = f"{name} on {part.dataset} ({part.split})"
     metrics = run_evaluation(samples, predictor, out_dir, batch_size=cfg.eval.batch_size, meta=meta,
                              max_images=cfg.eval.max_images, calibrate=calibrate,
@@ -164,6 +173,11 @@ def compare(args) -> int:
     except (ValueError, KeyError) as exc:
         raise UsageError(f"--compare: {exc}") from exc
     print(text)
+    from ppiad.eval.report import image_count_warning, load_metrics
+
+    warning = image_count_warning([(name, load_metrics(m)) for name, m in runs])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"written: {out}")
     return 0
 

@@ -9,7 +9,8 @@
 Output in <output_dir>/<run_name>/: checkpoints/step_XXXXXX/ (adapter_model.safetensors + adapter_config.json:
 pass the directory to tools/eval.py as model.adapter), vdl/ (VisualDL), metrics.jsonl, train.log, config.yaml,
 identity.json (every setting the checkpoints depend on: a run directory whose checkpoints were made with other
-settings is not continued; the tool stops naming the differing keys).
+settings is not continued; the tool stops naming the differing keys; a folder without checkpoints is not bound).
+Extend a finished run with -o train.resume=auto train.max_steps=N (constant lr_schedule without warm-up only).
 Ctrl-C (or SIGTERM) saves a checkpoint after the current step and exits 0; a second Ctrl-C aborts.
 Exit code 0 on success, 2 on bad input with a one-line reason.
 """
@@ -43,15 +44,29 @@ def check_paths(cfg) -> None:
 
 def check_run_identity(cfg) -> None:
     """Stop (exit code 2, naming the differing keys) before continuing a run directory whose checkpoints were
-    made with other settings; record this run's identity otherwise (ppiad.rl.identity)."""
+    made with other settings; record this run's identity otherwise (ppiad.rl.identity).
+
+    The identity binds a run directory only once it holds a checkpoint: a start that failed before its first
+    checkpoint (bad setting, crash in setup) leaves nothing to continue, so the next start simply replaces its
+    identity.json. train.max_steps / train.epochs may change (e.g. to extend a finished run) unless the
+    learning-rate schedule depends on the total steps; the message then says why."""
     from ppiad.rl.checkpoint import find_latest
-    from ppiad.rl.identity import training_identity
-    from ppiad.utils.identity import check_identity, write_identity
+    from ppiad.rl.identity import NOT_IDENTITY, RUN_LENGTH, schedule_needs_total, training_identity
+    from ppiad.utils.identity import IdentityError, check_identity, write_identity
 
     run_dir = os.path.join(cfg.output_dir, cfg.run_name)
     identity = training_identity(cfg)
-    check_identity(run_dir, identity, "training checkpoints", "pass another run_name (or output_dir) or delete "
-                   "that folder", has_results=find_latest(run_dir) is not None)
+    if find_latest(run_dir) is not None:
+        why = schedule_needs_total(cfg)
+        ignore = NOT_IDENTITY if why else NOT_IDENTITY | set(RUN_LENGTH)   # keys an older ppiad recorded
+        try:
+            check_identity(run_dir, identity, "training checkpoints", "pass another run_name (or output_dir) or "
+                           "delete that folder", has_results=True, ignore=ignore)
+        except IdentityError as exc:
+            if why and any(k in str(exc) for k in RUN_LENGTH):
+                raise IdentityError(f"{exc} (the run length cannot change here: {why}; only a constant "
+                                    f"lr_schedule without warm-up can be extended)") from None
+            raise
     if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":   # rank 0 (paddle.distributed.launch sets the id)
         os.makedirs(run_dir, exist_ok=True)
         write_identity(run_dir, identity)

@@ -201,18 +201,37 @@ def load_metrics(path: str) -> dict:
     return metrics
 
 
+def image_count(metrics: dict) -> int:
+    """Images a metrics dict covers: `n_images` (unreadable ones included) when recorded, else overall n."""
+    return int(metrics.get("n_images", metrics["overall"].get("n", 0)))
+
+
+def image_count_warning(runs: Sequence[tuple[str, dict]]) -> Optional[str]:
+    """A one-line warning when (name, metrics) runs cover different image counts, else None."""
+    counts = [(name, image_count(m)) for name, m in runs]
+    if len({n for _, n in counts}) <= 1:
+        return None
+    return ("the runs cover different numbers of images (" + ", ".join(f"{name}: {n}" for name, n in counts)
+            + "); their figures are not comparable (evaluate each on the same images, e.g. without "
+              "eval.max_images)")
+
+
 def write_comparison(runs: Sequence[tuple[str, Union[dict, str]]], out_path: str,
                      title: str = "Comparison") -> str:
     """A paper-like comparison of several runs (e.g. base model vs LR-IAD) as Markdown at out_path.
 
     runs: (name, metrics) pairs; metrics may be an evaluate() dict or a path to a metrics.json / report dir.
     Writes Table III (overall) and Tables V/VI (per category, accuracy\\F1-macro) and returns the text.
+    If the runs cover different numbers of images, the text starts with a warning naming each run's count
+    (see image_count_warning): their figures are not comparable.
     """
     if not runs:
         raise ValueError("write_comparison needs at least one run")
     loaded = [(name, load_metrics(m) if isinstance(m, str) else m) for name, m in runs]
+    warning = image_count_warning(loaded)
     text = "\n\n".join([
         f"# {title}",
+        *([f"**Warning:** {warning}"] if warning else []),
         "## Overall (cf. paper Table III)",
         _md_table(OVERALL_HEADER, [_overall_row(name, m["overall"]) for name, m in loaded]),
         "## Per category (cf. paper Tables V/VI: accuracy\\F1-macro, percent)",

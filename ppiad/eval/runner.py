@@ -272,7 +272,8 @@ def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str
     from ppiad.eval.metrics import evaluate
     from ppiad.eval.report import write_report
 
-    samples = select_subset(samples, max_images)
+    dataset = list(samples)
+    samples = select_subset(dataset, max_images)
     if not samples:
         raise ValueError("no images to evaluate (empty dataset or max_images=0)")
     paths = [s.path for s in samples]
@@ -300,21 +301,26 @@ def run_evaluation(samples: Sequence[Sample], predictor: Predictor, out_dir: str
     if references is not None:
         meta["reference pool"] = references.describe()
     metrics = _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report,
-                      references)
+                      references, dataset)
     if world > 1:
         _barrier()
     return metrics
 
 
 def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, evaluate, write_report,
-            references=None) -> dict:
+            references=None, dataset=None) -> dict:
+    """Merge the prediction files and write the report over EVERY recorded prediction of the dataset's images
+    (`dataset`, default `samples`): a re-run on a subset (eval.max_images) never shrinks the report of a folder
+    that already holds more predictions, so metrics.json always describes all of them."""
     by_path = _existing(out_dir)
     missing = [s.path for s in samples if s.path not in by_path]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no prediction after the run, e.g. {missing[0]}")
-    order = {s.path: i for i, s in enumerate(samples)}
-    # Records of this run in dataset order, then any older records of images outside this run's subset.
-    records = [by_path[s.path] for s in samples]
+    dataset = samples if dataset is None else dataset
+    order = {s.path: i for i, s in enumerate(dataset)}
+    # Every recorded image of the dataset in dataset order (this run's subset and any earlier run's), then any
+    # older records of images outside the dataset (kept in the file, not in the report).
+    records = [by_path[s.path] for s in dataset if s.path in by_path]
     others = [r for p, r in by_path.items() if p not in order]
     atomic_write_text(os.path.join(out_dir, PREDICTIONS),
                       "".join(_json_line(r) for r in records + others))
@@ -335,6 +341,9 @@ def _finish(samples, out_dir, meta, calibrate, target_fpr, threshold, title, eva
     metrics["seconds_per_image"] = float(np.mean(secs)) if secs else None
     meta = dict(meta or {})
     meta["images"] = len(records)
+    if len(records) > len(samples):
+        meta["images"] = (f"{len(records)} (all recorded predictions of the dataset: {len(samples)} asked for by "
+                          f"this run, the others from earlier runs into this folder)")
     meta["unreadable images (excluded)"] = len(unreadable)
     if calibrate or threshold is not None:
         cal = calibrated_metrics(readable, target_fpr) if calibrate else fixed_threshold_metrics(readable, threshold)

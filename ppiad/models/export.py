@@ -107,7 +107,11 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
     model = AutoModel.from_pretrained(model_path, dtype="float32", allow_pickle=allow_pickle)
     if adapter:
         from ppiad.models.lora import load_adapter, merge_adapter
+        from ppiad.utils.identity import base_model_mismatch
 
+        mismatch = base_model_mismatch(adapter, model_path)
+        if mismatch:
+            log(f"warning: {mismatch}")
         load_adapter(model, adapter)
         merge_adapter(model)  # in float32: the model was loaded in float32 above
     log(f"loaded {model_path}" + (f" + adapter {adapter} (merged in float32)" if adapter else "") +
@@ -157,8 +161,10 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
             atomic_write_text(os.path.join(tmp, "chat_template.json"),
                               json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n")
         from ppiad import __version__
+        from ppiad.utils.identity import adapter_fingerprint, resolve_adapter
 
-        summary = {"base_model": os.path.abspath(model_path), "adapter": os.path.abspath(adapter) if adapter else None,
+        summary = {"base_model": os.path.abspath(model_path), "adapter": resolve_adapter(adapter) if adapter else None,
+                   "adapter_sha256": adapter_fingerprint(adapter) if adapter else None,
                    "merged_in": "float32", "dtype": dtype, "weight_files": files,
                    "total_bytes": sum(sizes.values()), "ppiad_version": __version__}
         atomic_write_json(os.path.join(tmp, EXPORT_INFO), summary)

@@ -111,13 +111,15 @@ def save_checkpoint(run_dir: str, step: int, *, trainable_state: Mapping[str, An
                     config: Mapping | None = None, metrics: dict | None = None,
                     adapter_config: dict | None = None, param_names: Mapping[str, str] | None = None,
                     rank: int = 0, world_size: int = 1, sharded_optimizer: bool = False,
-                    barrier: Callable[[], None] | None = None) -> str:
+                    barrier: Callable[[], None] | None = None, base_model: str | None = None) -> str:
     """Write `<run_dir>/checkpoints/step_<step>/` atomically and point `latest` at it; returns its path.
 
     trainable_state: a name -> tensor/array mapping written as safetensors, or a callable that writes the
     adapter files into the directory it is given (e.g. `lambda d: save_adapter(model, d)`).
     With several processes every rank calls this; rank 0 writes everything except, when the optimizer
     state is sharded, each rank's own optimizer shard. `barrier` synchronises the ranks around the write.
+    `base_model`: the base model's fingerprint (ppiad.utils.identity.model_fingerprint), recorded as
+    `base_model_fingerprint` in trainer_state.json so loading the adapter onto another base can be flagged.
     """
     ckpt_root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(ckpt_root, step_dir_name(step))
@@ -151,6 +153,8 @@ def save_checkpoint(run_dir: str, step: int, *, trainable_state: Mapping[str, An
             "world_size": int(world_size),
             "sharded_optimizer": bool(sharded_optimizer),
         }
+        if base_model:
+            state["base_model_fingerprint"] = base_model
         atomic_write_json(os.path.join(tmp, TRAINER_STATE), state)
         if config is not None:
             from ppiad.config import Config, save_config

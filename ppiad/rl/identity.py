@@ -10,18 +10,39 @@ from ppiad.config import Config
 from ppiad.utils.identity import (adapter_fingerprint, effective_dtype, flat_settings, model_fingerprint,
                                   text_fingerprint)
 
-# Where and how often a run saves, logs or evaluates, and how many processes share it (the checkpoint loader
-# handles that), do not change what it computes.
+# Where and how often a run saves, logs or evaluates, how many processes share it (the checkpoint loader
+# handles that), and settings that only trade speed for memory or stop on a limit, do not change what it
+# computes: train.recompute (recomputes the same activations in backward), model.attn_implementation (eager
+# and sdpa compute the same attention), train.max_bad_steps (how many skipped steps to tolerate before
+# stopping), model.max_prompt_length (a too-long prompt stops the run; nothing is truncated). Sections outside
+# model / lora / rewards / grpo / train (data.num_workers, distributed, eval, demo) are not in the identity.
 NOT_IDENTITY = frozenset({"train.save_every", "train.log_every", "train.resume", "model.path", "model.adapter",
                           "model.dtype", "model.allow_pickle", "train.eval_every", "train.eval_images",
-                          "train.save_best", "train.save_best_metric", "train.log_samples_every"})
+                          "train.save_best", "train.save_best_metric", "train.log_samples_every",
+                          "train.recompute", "model.attn_implementation", "train.max_bad_steps",
+                          "model.max_prompt_length"})
+# The length of the run: leaving them out lets `train.resume=auto -o train.max_steps=N` extend a finished run,
+# allowed only when the learning rate of each step does not depend on the total (schedule_needs_total).
+RUN_LENGTH = ("train.max_steps", "train.epochs")
+
+
+def schedule_needs_total(cfg: Config) -> str:
+    """Why the learning rate of a step depends on the run's total steps ("" when it does not): a decaying
+    lr_schedule (linear, cosine) or a warm-up given as a share of the steps (ppiad.rl.trainer.lr_factor)."""
+    reasons = []
+    if cfg.train.lr_schedule != "constant":
+        reasons.append(f"train.lr_schedule={cfg.train.lr_schedule} decays over the total steps")
+    if cfg.train.warmup_ratio > 0:
+        reasons.append(f"train.warmup_ratio={cfg.train.warmup_ratio} is a share of the total steps")
+    return " and ".join(reasons)
 
 
 def training_identity(cfg: Config) -> dict:
     """{setting: value}: the base model's fingerprint, the starting adapter's hash, the dtype really used, the
     training data (dataset, absolute root, split, categories, loader settings, object names), the prompt and
     answer-score method, the seed, and every model, LoRA, reward, GRPO and train setting but those in
-    NOT_IDENTITY."""
+    NOT_IDENTITY (train.max_steps / train.epochs only when schedule_needs_total: a constant schedule without
+    warm-up can be extended)."""
     from ppiad.models.generation import ANSWER_SCORE_METHOD
     from ppiad.prompt import PROMPT_TEMPLATE
 
@@ -47,6 +68,7 @@ def training_identity(cfg: Config) -> dict:
     if part.dataset == "folder":
         ident.update({"data.train.normal_dirs": sorted(part.normal_dirs),
                       "data.train.exclude_dirs": sorted(part.exclude_dirs)})
+    exclude = NOT_IDENTITY if schedule_needs_total(cfg) else NOT_IDENTITY | set(RUN_LENGTH)
     for section in ("model", "lora", "rewards", "grpo", "train"):
-        ident.update(flat_settings(cfg[section], section, NOT_IDENTITY))
+        ident.update(flat_settings(cfg[section], section, exclude))
     return ident

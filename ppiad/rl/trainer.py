@@ -628,7 +628,7 @@ class GRPOTrainer:
         self.forward_model = self.core if self.wrapped is self.core else _ForwardVia(self.core, self.wrapped)
         self.sharded_optimizer = self.env.enabled and cfg.distributed.sharding != "none"
         self.param_names = ckpt.param_name_map(self.core)
-        self.start_step = 0
+        self.start_step, self.resumed_from = 0, None
         resume = self._resume_path()
         self.log = RunLogger(self.run_dir, rank=self.env.rank, total_steps=self.total_steps)
         if self.env.is_main:
@@ -679,8 +679,18 @@ class GRPOTrainer:
         if state.world_size != self.env.world_size:
             self.log.info(f"warning: checkpoint was written by {state.world_size} process(es), now "
                           f"{self.env.world_size}: the data order differs from the original run")
-        self.start_step = state.step
+        self.start_step, self.resumed_from = state.step, path
         self.log.info(f"resumed from {path} at step {state.step}")
+
+    def _base_fingerprint(self) -> Optional[str]:
+        """The base model's fingerprint (rank 0, computed once), recorded in every checkpoint."""
+        if self.env.rank != 0:
+            return None
+        if getattr(self, "_base_fp", None) is None:
+            from ppiad.utils.identity import model_fingerprint
+
+            self._base_fp = model_fingerprint(self.cfg.model.path)
+        return self._base_fp
 
     def _save(self, step: int, metrics: dict) -> str:
         from ppiad.models.lora import lora_state_dict, save_adapter
@@ -695,7 +705,7 @@ class GRPOTrainer:
             lr_scheduler=self.scheduler, rng=get_rng_state(), data_position=self.plan.position(step),
             config=self.cfg, metrics=metrics, param_names=self.param_names, rank=self.env.rank,
             world_size=self.env.world_size, sharded_optimizer=self.sharded_optimizer,
-            barrier=lambda: distributed.barrier(self.env))
+            barrier=lambda: distributed.barrier(self.env), base_model=self._base_fingerprint())
         self.log.info(f"checkpoint {path}")
         return path
 
@@ -765,7 +775,8 @@ class GRPOTrainer:
 
         self.setup()
         cfg, k = self.cfg, self.cfg.grpo.num_iterations
-        last_saved, metrics, step, buffer = None, {}, self.start_step, None
+        # a resumed run that has nothing left to do (already at train.max_steps) reports the checkpoint it holds
+        last_saved, metrics, step, buffer = self.resumed_from, {}, self.start_step, None
         stopped = False
         with (self._stop if self._stop is not None else GracefulStop()) as stop:
             while step < self.total_steps:

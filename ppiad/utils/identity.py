@@ -79,6 +79,40 @@ def adapter_fingerprint(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def resolve_adapter(path: str) -> str:
+    """The absolute path of the adapter `path` names, with a trainer's `checkpoints/latest` pointer resolved to
+    the step directory it points at (so records say which checkpoint was used); "" for "".
+    Raises FileNotFoundError when there are no adapter weights there."""
+    if not path:
+        return ""
+    from ppiad.models.lora import _resolve   # the loader's own rule for directories, files and `latest`
+
+    weights, _ = _resolve(path)
+    if os.path.basename(os.path.normpath(path)) == "latest" and os.path.isfile(path):
+        return os.path.abspath(os.path.dirname(weights))
+    return os.path.abspath(path)
+
+
+def base_model_mismatch(adapter: str, model_path: str) -> str | None:
+    """A one-line warning when the training checkpoint holding `adapter` records a base model
+    (`base_model_fingerprint` in its trainer_state.json, ppiad.rl.checkpoint) other than `model_path`'s;
+    None when they match or nothing is recorded (an adapter saved outside a training run, an older ppiad)."""
+    if not adapter:
+        return None
+    where = resolve_adapter(adapter)
+    state = os.path.join(where if os.path.isdir(where) else os.path.dirname(where), "trainer_state.json")
+    if not os.path.isfile(state):
+        return None
+    try:
+        recorded = read_json(state).get("base_model_fingerprint")
+    except (ValueError, AttributeError):
+        return None
+    if not recorded or recorded == model_fingerprint(model_path):
+        return None
+    return (f"adapter '{where}' was trained on another base model than '{model_path}' (fingerprints "
+            f"{recorded[:19]} vs {model_fingerprint(model_path)[:19]}): its results will not be those of training")
+
+
 def text_fingerprint(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -117,20 +151,21 @@ def flat_settings(node: Mapping, prefix: str, exclude: frozenset | set = frozens
 
 
 def check_identity(folder: str, wanted: Mapping, what: str, hint: str, has_results: bool | None = None,
-                   filename: str = IDENTITY_FILE) -> bool:
+                   filename: str = IDENTITY_FILE, ignore: frozenset | set = frozenset()) -> bool:
     """Stop if `folder` holds results of other settings. Returns True when the folder's identity matches,
     False when the folder has no identity and no results yet (a fresh start).
 
     `has_results`: whether the folder already holds results (default: it exists and is not empty); results
     without identity.json (from an older ppiad) are refused too. `what` names the results, `hint` says what to
-    do instead (another output folder, delete it). Raises IdentityError with one line."""
+    do instead (another output folder, delete it). `ignore`: keys left out of the comparison (settings an
+    older ppiad recorded that no longer count). Raises IdentityError with one line."""
     path = os.path.join(folder, filename)
     if os.path.isfile(path):
         try:
             stored = read_json(path)
         except ValueError as exc:
             raise IdentityError(f"{exc}; {hint}") from None
-        diff = differing_keys(stored, _plain(wanted))
+        diff = [k for k in differing_keys(stored, _plain(wanted)) if k not in ignore]
         if diff:
             raise IdentityError(f"'{folder}' holds {what} made with other settings (differing: {', '.join(diff)}); "
                                 f"{hint}")
