@@ -8,6 +8,13 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def _current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
@@ -15,6 +22,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_current_umask())   # mkstemp makes 0600; give the file the usual umask-derived mode
     try:
         yield tmp
         os.replace(tmp, path)
