@@ -110,6 +110,18 @@ def _drop_missing(samples: list) -> tuple[list, list]:
     return kept, missing
 
 
+def one_class_warning(samples: list) -> str:
+    """A warning when the training set holds only one class (no defect or no normal images), else ''.
+    GRPO still runs, but the accuracy and focal rewards then never see the other answer."""
+    defects = sum(1 for s in samples if s.is_defect)
+    if samples and defects in (0, len(samples)):
+        missing = "defect" if defects == 0 else "normal"
+        return (f"warning: the training set holds no {missing} images ({len(samples)} images, all "
+                f"{'normal' if defects == 0 else 'defect'}): the model never sees a {missing} example; check "
+                f"data.train.root / split / categories")
+    return ""
+
+
 def _shown_path(path: str, root: str) -> str:
     """`path` relative to the dataset root (category and split included), or whole if outside it."""
     if root:
@@ -704,6 +716,9 @@ class GRPOTrainer:
             self.best = BestKeeper(self.run_dir, cfg.train.save_best_metric) if cfg.train.save_best else None
         elif cfg.train.save_best:
             raise ConfigError("train.save_best needs train.eval_every > 0 (the evaluations pick the best)")
+        one_class = one_class_warning(self.samples)
+        if one_class:
+            self.log.info(one_class)
         if missing:
             self.log.info(f"warning: {len(missing)} training image(s) listed but missing on disk, left out of "
                           f"training: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
