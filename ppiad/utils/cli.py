@@ -82,9 +82,11 @@ def user_errors() -> Iterator[None]:
     from ppiad.data.images import ImageLoadError
     from ppiad.data.registry import DatasetError
     from ppiad.utils.identity import IdentityError
+    from ppiad.utils.io import MalformedFileError
 
     try:
         yield
-    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError) as exc:
+    except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError,
+            MalformedFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+class MalformedFileError(ValueError):
+    """A JSON / JSONL file the tools read back is malformed; the message names the file (and line)."""
+
+
 def _current_umask() -> int:
     """The process umask (os.umask can only be read by setting it, so set it back at once)."""
     mask = os.umask(0o022)
@@ -52,7 +56,8 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Read a JSONL file; a torn last line (from a kill mid-write) is ignored, other bad lines raise."""
+    """Read a JSONL file; a torn last line (from a kill mid-write) is ignored, other bad lines raise
+    MalformedFileError naming the file and line."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -66,14 +71,15 @@ def read_jsonl(path: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             if i >= len(lines) - 2:  # the last non-empty line may be torn
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON line: {exc}") from exc
+            raise MalformedFileError(f"{path}:{i + 1}: not a JSON line ({exc}); fix or delete that line "
+                                     f"(every other line is a finished record)") from None
     return records
 
 
 def read_json(path: str):
-    """Load a JSON file; a malformed one raises ValueError naming the file."""
+    """Load a JSON file; a malformed one raises MalformedFileError (a ValueError) naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"'{path}' is not valid JSON: {exc}") from None
+        raise MalformedFileError(f"'{path}' is not valid JSON: {exc}") from None
