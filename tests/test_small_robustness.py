@@ -1,6 +1,7 @@
 """Small robustness fixes: malformed JSONL lines, skipped-folder warnings logged once."""
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,3 +42,27 @@ def test_skipped_mask_folder_is_warned_once(tmp_path):
     assert run.returncode == 0, run.stderr
     warning = f"skipped {os.path.join(str(root), 'bottle', 'ground_truth')}"
     assert (run.stdout + run.stderr).count(warning) == 1
+
+
+def test_training_stopped_by_ctrl_c_exits_130_after_saving(tmp_path):
+    from ppiad.cli.train import exit_code
+    from ppiad.config import load_config
+    from ppiad.rl.checkpoint import find_latest
+    from ppiad.rl.trainer import GRPOTrainer
+    from ppiad.utils.signals import GracefulStop
+    from tests.test_trainer import build_assets, tiny_overrides
+
+    class CtrlC(GracefulStop):   # a real SIGINT, delivered as training starts
+        def __enter__(self):
+            super().__enter__()
+            os.kill(os.getpid(), signal.SIGINT)
+            return self
+
+    stop = CtrlC(announce=False)
+    assets = build_assets(tmp_path / "assets")
+    cfg = load_config(None, tiny_overrides(assets, str(tmp_path), "run", "train.max_steps=3"))
+    summary = GRPOTrainer(cfg, stop=stop).train()
+    assert summary["stopped"] and summary["signal"] == "SIGINT" and find_latest(summary["run_dir"])
+    assert exit_code(summary) == 130
+    assert exit_code({**summary, "signal": "SIGTERM"}) == 143
+    assert exit_code({**summary, "stopped": False, "signal": ""}) == 0

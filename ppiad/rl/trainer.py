@@ -844,7 +844,7 @@ class GRPOTrainer:
         self.setup()
         cfg, k = self.cfg, self.cfg.grpo.num_iterations
         last_saved, metrics, step, buffer = None, {}, self.start_step, None
-        stopped = False
+        stopped, stop_signal = False, ""
         with (self._stop if self._stop is not None else GracefulStop()) as stop:
             while step < self.total_steps:
                 t0 = time.perf_counter()
@@ -875,7 +875,7 @@ class GRPOTrainer:
                 if at_block_end and (step % cfg.train.save_every == 0 or step == self.total_steps or stop_now):
                     last_saved = self._save(step, metrics)
                 if stop_now and at_block_end:
-                    stopped = True
+                    stopped, stop_signal = True, getattr(stop, "signal_name", "")
                     self.log.info(f"stopped by {getattr(stop, 'signal_name', '') or 'request'} at step {step}")
                     break
         if step > self.start_step and (last_saved is None or not last_saved.endswith(ckpt.step_dir_name(step))):
@@ -884,7 +884,7 @@ class GRPOTrainer:
         self.log.info(f"done at step {step}; adapter sha256 {digest}; last checkpoint {last_saved}")
         self.log.close()
         return {"step": step, "run_dir": self.run_dir, "checkpoint": last_saved, "metrics": metrics,
-                "adapter_sha256": digest, "stopped": stopped, "rank": self.env.rank}
+                "adapter_sha256": digest, "stopped": stopped, "signal": stop_signal, "rank": self.env.rank}
 
 
 def answer_p_by_class(token_p, batch: list, group_size: int) -> dict:
