@@ -205,7 +205,8 @@ SCHEMA: dict = {
                           "only as a test emulation, PPIAD_EMULATE_SHARDING_ON_CPU=1)",
                           ("none", "stage1", "stage2", "stage3")),
         "stage3_segment_size": Field(2 ** 20, int, "stage3: parameters with more elements than this are split over "
-                                     "the processes (Paddle's segment_size); the LoRA adapters must stay below it", min=1),
+                                     "the processes (Paddle's segment_size); the LoRA adapters must stay below it",
+                                     min=1),
     },
     "eval": {
         "batch_size": Field(8, int, "images per generation batch", min=1),

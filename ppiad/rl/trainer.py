@@ -374,7 +374,8 @@ class GRPOTrainer:
         first = sample
         for attempt in range(_MAX_REPLACEMENTS + 1):
             if attempt:
-                rng = np.random.default_rng(derive_seed(self.cfg.seed, "replace-unreadable", *where, attempt) % (2 ** 63))
+                seed = derive_seed(self.cfg.seed, "replace-unreadable", *where, attempt)
+                rng = np.random.default_rng(seed % (2 ** 63))
                 sample = self.samples[int(rng.integers(len(self.samples)))]
             paths = [sample.path] + (list(self.references.draw(sample)) if self.references is not None else [])
             loaded, bad = [], next((p for p in paths if p in self.unreadable), None)
