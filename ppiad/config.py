@@ -28,6 +28,20 @@ class Field:
     help: str
     choices: tuple | None = None
     item_type: type | None = None  # element type of a list
+    min: float | None = None    # inclusive lower bound of a number
+    max: float | None = None    # inclusive upper bound
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+
+    def range_text(self) -> str:
+        """The allowed range as text, e.g. '>= 1' or '>= 0 and < 1'; '' when unbounded."""
+        parts = [f"{op} {v:g}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max),
+                                                  ("<", self.below)) if v is not None]
+        return " and ".join(parts)
+
+    def in_range(self, value) -> bool:
+        return ((self.min is None or value >= self.min) and (self.above is None or value > self.above)
+                and (self.max is None or value <= self.max) and (self.below is None or value < self.below))
 
 
 DATASET_CHOICES = ("mvtec", "visa", "folder")
@@ -67,13 +81,13 @@ SCHEMA: dict = {
                           "data.eval"),
         "object_names": Field({}, dict, "category -> object name used in the prompt "
                               "(default: the category name with underscores as spaces)"),
-        "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)"),
+        "num_workers": Field(0, int, "image-loading worker threads (0 = load in the main thread)", min=0),
         "allow_overlap": Field(False, bool, "let training / evaluation run although the training and evaluation "
                                "images (or the references) share files of identical content (leakage guard)"),
     },
     "prompt": {
         "reference_images": Field(0, int, "k-shot: normal images of the same category put before the query image "
-                                  "(0 = LR-IAD's one-image prompt; docs/method.md)"),
+                                  "(0 = LR-IAD's one-image prompt; docs/method.md)", min=0),
     },
     "model": {
         "path": Field("", str, "local Hugging Face-format Qwen2-VL or Qwen2.5-VL checkpoint directory (required; "
@@ -83,36 +97,36 @@ SCHEMA: dict = {
                                      "scaled_dot_product_attention: flash / memory-efficient kernels on GPU in "
                                      "bf16, untested here; a math fallback on CPU)", ("eager", "sdpa")),
         "allow_pickle": Field(False, bool, "allow loading pickle-based .pdparams weights (unpickling runs code)"),
-        "min_pixels": Field(3136, int, "minimum image size in pixels after smart resize"),
-        "max_pixels": Field(401408, int, "maximum image size in pixels after smart resize (401,408 = paper)"),
-        "max_prompt_length": Field(1024, int, "maximum prompt length in tokens (image tokens included)"),
+        "min_pixels": Field(3136, int, "minimum image size in pixels after smart resize", min=1),
+        "max_pixels": Field(401408, int, "maximum image size in pixels after smart resize (401,408 = paper)", min=1),
+        "max_prompt_length": Field(1024, int, "maximum prompt length in tokens (image tokens included)", min=1),
         "adapter": Field("", str, "LoRA adapter checkpoint (directory or .safetensors) to load; empty = none"),
     },
     "lora": {
         "enabled": Field(True, bool, "train LoRA adapters (the base model stays frozen)"),
-        "r": Field(4, int, "LoRA rank"),
-        "alpha": Field(16, int, "LoRA alpha (scaling = alpha / r)"),
+        "r": Field(4, int, "LoRA rank", min=1),
+        "alpha": Field(16, int, "LoRA alpha (scaling = alpha / r)", min=1),
         "plus_ratio": Field(1.0, float, "LoRA+: lora_B's learning rate = this x train.learning_rate, lora_A's = "
-                            "train.learning_rate (Hayou et al. 2024 use 16 with Adam); 1 = plain LoRA"),
-        "dropout": Field(0.1, float, "LoRA dropout"),
+                            "train.learning_rate (Hayou et al. 2024 use 16 with Adam); 1 = plain LoRA", above=0),
+        "dropout": Field(0.1, float, "LoRA dropout", min=0, below=1),
         "target_modules": Field(["q_proj", "v_proj"], list, "decoder projections that get adapters",
                                 item_type=str),
     },
     "rewards": {
-        "format_weight": Field(1.0, float, "weight of the format reward (0 = off)"),
-        "accuracy_weight": Field(0.0, float, "weight of the plain 0/1 accuracy reward (0 = off)"),
-        "focal_weight": Field(1.0, float, "weight of the focal reward (0 = off)"),
+        "format_weight": Field(1.0, float, "weight of the format reward (0 = off)", min=0),
+        "accuracy_weight": Field(0.0, float, "weight of the plain 0/1 accuracy reward (0 = off)", min=0),
+        "focal_weight": Field(1.0, float, "weight of the focal reward (0 = off)", min=0),
         "focal": {
-            "alpha": Field(1.0, float, "focal reward scale alpha"),
-            "gamma": Field(2.0, float, "focal exponent gamma: larger focuses harder on hard samples"),
+            "alpha": Field(1.0, float, "focal reward scale alpha", min=0),
+            "gamma": Field(2.0, float, "focal exponent gamma: larger focuses harder on hard samples", min=0),
             "p_source": Field("group", str, "where p (probability of the correct answer) comes from",
                               ("group", "token")),
             "class_factors": Field("auto", str, "per-class factor f: auto = inverse training frequency "
                                    "normalised to mean 1; sqrt_inverse = its square root, normalised to mean 1; "
                                    "uniform = 1; manual = factor_defect/factor_normal",
                                    ("auto", "sqrt_inverse", "uniform", "manual")),
-            "factor_defect": Field(1.0, float, "f for the defect class when class_factors = manual"),
-            "factor_normal": Field(1.0, float, "f for the normal class when class_factors = manual"),
+            "factor_defect": Field(1.0, float, "f for the defect class when class_factors = manual", min=0),
+            "factor_normal": Field(1.0, float, "f for the normal class when class_factors = manual", min=0),
             "mode": Field("advantage_weight", str, "reward = focal reward added to the reward before group "
                           "normalisation (paper-literal; std normalisation cancels f and gamma); "
                           "advantage_weight = correctness in the reward, alpha*f*(2(1-p))^gamma scales each "
@@ -121,16 +135,16 @@ SCHEMA: dict = {
         },
     },
     "grpo": {
-        "num_generations": Field(4, int, "completions sampled per prompt (G)"),
+        "num_generations": Field(4, int, "completions sampled per prompt (G)", min=2),
         "beta": Field(0.04, float, "KL coefficient to the adapter-free reference policy; 0 skips the reference "
-                      "pass (no KL term, none logged)"),
+                      "pass (no KL term, none logged)", min=0),
         "epsilon": Field(0.2, float, "clipping range of the probability ratio"),
-        "num_iterations": Field(1, int, "policy updates per rollout batch"),
+        "num_iterations": Field(1, int, "policy updates per rollout batch", min=1),
         "scale_rewards": Field("auto", str, "divisor of the group-centred rewards: group = the group's std "
                                "(the paper's), batch = the std of all rewards of the optimizer step, none = no "
                                "division (Dr. GRPO); auto = none with loss_type dr_grpo, else group",
                                ("auto", "group", "batch", "none")),
-        "std_eps": Field(1e-4, float, "epsilon added to the group std"),
+        "std_eps": Field(1e-4, float, "epsilon added to the group std", min=0),
         "loss_type": Field("bnpo", str, "reduction over completion tokens: bnpo = sum over all completion tokens "
                            "of the step / their number (DAPO; TRL's default); grpo = mean per completion, then mean "
                            "(original GRPO); dr_grpo = sum / (completions x max_new_tokens) (Dr. GRPO)",
@@ -143,40 +157,40 @@ SCHEMA: dict = {
                                   "prompts from the data stream until the step has its batch of informative groups "
                                   "(DAPO)"),
         "max_resample_factor": Field(3, int, "dynamic sampling: at most this many times the step's prompts are "
-                                     "drawn; a step that still lacks informative groups trains on those it has"),
+                                     "drawn; a step that still lacks informative groups trains on those it has", min=1),
         "temperature": Field(1.0, float, "rollout sampling temperature"),
         "top_p": Field(1.0, float, "rollout nucleus sampling threshold"),
         "top_k": Field(0, int, "rollout top-k (0 = off)"),
         "min_p": Field(0.0, float, "rollout min-p: drop tokens below min_p x the top token's probability "
                                    "(0 = off)"),
-        "max_new_tokens": Field(256, int, "maximum completion length in rollouts"),
+        "max_new_tokens": Field(256, int, "maximum completion length in rollouts", min=1),
     },
     "train": {
-        "epochs": Field(1, int, "passes over the training partition"),
-        "max_steps": Field(-1, int, "stop after this many optimizer steps (-1 = epochs decide)"),
-        "prompts_per_device": Field(1, int, "prompts per device per micro-step"),
-        "grad_accum_steps": Field(2, int, "micro-steps per optimizer step"),
-        "learning_rate": Field(1e-5, float, "peak learning rate of AdamW"),
-        "weight_decay": Field(0.0, float, "AdamW weight decay"),
-        "adam_beta1": Field(0.9, float, "AdamW decay rate of the gradient average"),
+        "epochs": Field(1, int, "passes over the training partition", min=0),
+        "max_steps": Field(-1, int, "stop after this many optimizer steps (-1 = epochs decide)", min=-1),
+        "prompts_per_device": Field(1, int, "prompts per device per micro-step", min=1),
+        "grad_accum_steps": Field(2, int, "micro-steps per optimizer step", min=1),
+        "learning_rate": Field(1e-5, float, "peak learning rate of AdamW", min=0),
+        "weight_decay": Field(0.0, float, "AdamW weight decay", min=0),
+        "adam_beta1": Field(0.9, float, "AdamW decay rate of the gradient average", min=0, below=1),
         "adam_beta2": Field(0.999, float, "AdamW decay rate of the squared-gradient average: lower = the step size "
-                                          "follows the recent gradient scale sooner"),
-        "adam_epsilon": Field(1e-8, float, "AdamW epsilon"),
-        "warmup_ratio": Field(0.0, float, "share of steps with linear warm-up"),
+                                          "follows the recent gradient scale sooner", min=0, below=1),
+        "adam_epsilon": Field(1e-8, float, "AdamW epsilon", above=0),
+        "warmup_ratio": Field(0.0, float, "share of steps with linear warm-up", min=0, max=1),
         "lr_schedule": Field("constant", str, "learning-rate schedule after warm-up",
                              ("constant", "linear", "cosine")),
         "recompute": Field(False, bool, "recompute each decoder layer's activations in backward instead of "
                            "keeping them (less activation memory, ~1/3 more compute)"),
-        "max_grad_norm": Field(1.0, float, "global gradient-norm clip (0 = off)"),
+        "max_grad_norm": Field(1.0, float, "global gradient-norm clip (0 = off)", min=0),
         "max_bad_steps": Field(5, int, "a step whose loss or gradient is NaN/inf is skipped (no update, counted "
-                                       "in train/skipped_steps); this many in a row stop training (>= 1)"),
-        "save_every": Field(100, int, "checkpoint every N optimizer steps"),
-        "log_every": Field(1, int, "log scalars every N optimizer steps"),
+                                       "in train/skipped_steps); this many in a row stop training (>= 1)", min=1),
+        "save_every": Field(100, int, "checkpoint every N optimizer steps", min=1),
+        "log_every": Field(1, int, "log scalars every N optimizer steps", min=1),
         "resume": Field("", str, "checkpoint directory to resume from, or 'auto' for the latest of this run"),
         "eval_every": Field(0, int, "evaluate on held-out images every N optimizer steps (greedy, ppiad.eval; "
-                            "VisualDL eval/*); 0 = off"),
+                            "VisualDL eval/*); 0 = off", min=0),
         "eval_images": Field(60, int, "held-out images of those evaluations: a fixed class-stratified subset of "
-                             "data.val (when its root is set) or data.eval; -1 = all"),
+                             "data.val (when its root is set) or data.eval; -1 = all", min=-1),
         "save_best": Field(False, bool, "keep the checkpoint with the best train.save_best_metric in "
                            "<run>/checkpoints/best (needs train.eval_every)"),
         "save_best_metric": Field("f1_macro", str, "metric that picks the best checkpoint (higher is better; "
@@ -184,7 +198,7 @@ SCHEMA: dict = {
                                   ("f1_macro", "auroc", "accuracy", "balanced_accuracy", "false_alarm_rate",
                                    "invalid_rate")),
         "log_samples_every": Field(0, int, "every N steps the first prompt's rollouts (image, object, completions, "
-                                   "rewards, advantages) go to VisualDL as text and image; 0 = off"),
+                                   "rewards, advantages) go to VisualDL as text and image; 0 = off", min=0),
     },
     "runtime": {
         "cpu_threads": Field(0, int, "CPU threads of Paddle's math library (MKL/OpenMP) per process; 0 = "
@@ -196,33 +210,34 @@ SCHEMA: dict = {
                           "only as a test emulation, PPIAD_EMULATE_SHARDING_ON_CPU=1)",
                           ("none", "stage1", "stage2", "stage3")),
         "stage3_segment_size": Field(2 ** 20, int, "stage3: parameters with more elements than this are split over "
-                                     "the processes (Paddle's segment_size); the LoRA adapters must stay below it"),
+                                     "the processes (Paddle's segment_size); the LoRA adapters must stay below it",
+                                     min=1),
     },
     "eval": {
-        "batch_size": Field(8, int, "images per generation batch"),
-        "max_new_tokens": Field(256, int, "maximum completion length"),
+        "batch_size": Field(8, int, "images per generation batch", min=1),
+        "max_new_tokens": Field(256, int, "maximum completion length", min=1),
         "do_sample": Field(False, bool, "sample instead of greedy decoding"),
         "temperature": Field(1.0, float, "sampling temperature when do_sample"),
         "calibrate": Field(False, bool, "also report figures at a P(A) threshold meeting target_fpr"),
-        "target_fpr": Field(0.05, float, "target false-alarm rate on normal images for calibration"),
-        "max_images": Field(-1, int, "evaluate at most this many images (-1 = all)"),
+        "target_fpr": Field(0.05, float, "target false-alarm rate on normal images for calibration", min=0, max=1),
+        "max_images": Field(-1, int, "evaluate at most this many images (-1 = all)", min=-1),
         "threshold": Field(-1.0, float, "fixed P(A) threshold: verdict defect when P(A) >= threshold (e.g. the "
                            "'calibrated.threshold' of an eval on held-out normals); -1 = the model's A/B answer"),
     },
     "demo": {
-        "train_images": Field(1000, int, "synthetic training images the demo generates (at data.train.root)"),
-        "test_images": Field(300, int, "held-out synthetic images, another seed (at data.eval.root)"),
-        "defect_ratio": Field(0.11, float, "share of defect images in both synthetic trees (VisA-like)"),
+        "train_images": Field(1000, int, "synthetic training images the demo generates (at data.train.root)", min=1),
+        "test_images": Field(300, int, "held-out synthetic images, another seed (at data.eval.root)", min=1),
+        "defect_ratio": Field(0.11, float, "share of defect images in both synthetic trees (VisA-like)", min=0, max=1),
         "categories": Field([], list, "synthetic categories to generate (empty = all five: fabric, wood, "
                             "metal_plate, washer, pill)", item_type=str),
-        "image_size": Field(112, int, "side of the synthetic images in pixels"),
-        "hidden_size": Field(128, int, "tiny stand-in: decoder hidden size"),
-        "layers": Field(4, int, "tiny stand-in: decoder layers"),
-        "vision_embed_dim": Field(64, int, "tiny stand-in: vision tower width"),
-        "warmstart_steps": Field(120, int, "format-only supervised warm-start steps"),
-        "warmstart_batch_size": Field(8, int, "images per warm-start step"),
-        "warmstart_lr": Field(2e-3, float, "warm-start learning rate (all weights of the tiny model)"),
-        "infer_images": Field(4, int, "held-out images the demo inspects with tools/infer.py --save_vis"),
+        "image_size": Field(112, int, "side of the synthetic images in pixels", min=1),
+        "hidden_size": Field(128, int, "tiny stand-in: decoder hidden size", min=1),
+        "layers": Field(4, int, "tiny stand-in: decoder layers", min=1),
+        "vision_embed_dim": Field(64, int, "tiny stand-in: vision tower width", min=1),
+        "warmstart_steps": Field(120, int, "format-only supervised warm-start steps", min=0),
+        "warmstart_batch_size": Field(8, int, "images per warm-start step", min=1),
+        "warmstart_lr": Field(2e-3, float, "warm-start learning rate (all weights of the tiny model)", min=0),
+        "infer_images": Field(4, int, "held-out images the demo inspects with tools/infer.py --save_vis", min=0),
     },
 }
 
@@ -307,6 +322,8 @@ def _coerce(key: str, field: Field, value: Any) -> Any:
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"config key '{key}' has invalid value {value!r}; valid choices: "
                           f"{', '.join(map(str, field.choices))}")
+    if t in (int, float) and not field.in_range(value):
+        raise ConfigError(f"config key '{key}' must be {field.range_text()}, got {value!r}")
     return value
 
 
@@ -424,14 +441,14 @@ def schema_markdown(schema: dict = SCHEMA, prefix: str = "") -> str:
     """The configuration reference table (docs/configuration.md is this, between its markers)."""
     rows = []
     if not prefix:
-        rows += ["| key | type | default | choices | meaning |", "| --- | --- | --- | --- | --- |"]
+        rows += ["| key | type | default | choices / range | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, spec in schema.items():
         dotted = f"{prefix}{key}"
         if isinstance(spec, dict):
             rows.append(schema_markdown(spec, dotted + "."))
             continue
         tname = spec.type.__name__ + (f"[{spec.item_type.__name__}]" if spec.item_type else "")
-        choices = ", ".join(map(str, spec.choices)) if spec.choices else ""
+        choices = ", ".join(map(str, spec.choices)) if spec.choices else spec.range_text()
         rows.append(f"| `{dotted}` | {tname} | `{spec.default!r}` | {choices} | {spec.help} |")
     return "\n".join(rows)
 

@@ -150,9 +150,9 @@ def run(args, cfg, predictor_factory) -> int:
     threshold = cfg.eval.threshold if cfg.eval.threshold >= 0 else None
     if threshold is not None and threshold > 1:
         raise UsageError(f"eval.threshold is a probability in [0, 1] (or -1 = off), got {threshold}")
-    batch_size = args.batch_size or cfg.eval.batch_size
+    batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
     if batch_size <= 0:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {batch_size}")
     if args.save_vis:
         os.makedirs(args.save_vis, exist_ok=True)
     refs = _load_references(args, cfg)

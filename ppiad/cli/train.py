@@ -83,7 +83,16 @@ def main(argv=None) -> int:
         summary = GRPOTrainer(cfg).train()
     if summary["rank"] == 0:
         print(json.dumps({k: summary[k] for k in ("step", "checkpoint", "stopped", "run_dir")}))
-    return 0
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 for a finished run; 128 + the signal number for one stopped by a signal after saving (130 for Ctrl-C,
+    143 for SIGTERM: the shell convention, so scripts and schedulers see the run did not finish)."""
+    import signal
+
+    name = summary.get("signal") or ""
+    return 128 + signal.Signals[name].value if summary.get("stopped") and name else 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,16 @@ def mask_folder_reason(name: str, images: Sequence[str]) -> str | None:
     return None
 
 
+_warned: set = set()   # (message, folder, reason) already logged by this process
+
+
+def _warn_once(message: str, folder: str, reason: str) -> None:
+    """Log a skipped folder once per process, however often the layout is scanned (e.g. load, then stats)."""
+    if (message, folder, reason) not in _warned:
+        _warned.add((message, folder, reason))
+        log.warning(message, folder, reason)
+
+
 def folder_layout(root: str, normal_dirs: Iterable[str] = ("good",), exclude_dirs: Iterable[str] = ()) -> dict:
     """`{category: {"normal": {dir: [paths]}, "defect": {dir: [paths]}, "skipped": {dir: reason}}}` for the
     categories that hold images; skipped categories appear under `""` with `"category"` reasons.
@@ -102,9 +112,9 @@ def folder_layout(root: str, normal_dirs: Iterable[str] = ("good",), exclude_dir
             skipped_categories[category] = "holds only mask folders"
     for category, entry in layout.items():
         for name, reason in entry["skipped"].items():
-            log.warning("folder dataset: skipped %s: %s", os.path.join(root, category, name), reason)
+            _warn_once("folder dataset: skipped %s: %s", os.path.join(root, category, name), reason)
     for category, reason in skipped_categories.items():
-        log.warning("folder dataset: skipped category %s: %s", os.path.join(root, category), reason)
+        _warn_once("folder dataset: skipped category %s: %s", os.path.join(root, category), reason)
     if skipped_categories:
         layout[""] = {"normal": {}, "defect": {}, "skipped": skipped_categories}
     return layout

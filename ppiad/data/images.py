@@ -17,7 +17,7 @@ import os
 import struct
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BIT_DEPTHS = ("auto", "8", "10", "12", "14", "16")
@@ -139,7 +139,8 @@ def load_image(path: str, bit_depth: str = "auto") -> Image.Image:
             raise ImageLoadError(path, "file is empty (0 bytes)")
         with Image.open(path) as img:
             img.load()  # force decoding now so truncated files fail here, not later
-            return _to_rgb8(img, path, bit_depth)
+            upright = ImageOps.exif_transpose(img)   # EXIF orientation (phone photos): rotate to upright
+            return _to_rgb8(upright, path, bit_depth)
     except ImageLoadError:
         raise
     except PermissionError:

@@ -97,6 +97,40 @@ class DataPlan:
         return order[pos["index"]:pos["index"] + self.prompts_per_step]
 
 
+_MAX_REPLACEMENTS = 20   # failed draws in a row before an unreadable training set stops the run
+
+
+def _drop_missing(samples: list) -> tuple[list, list]:
+    """(samples whose image file exists, paths of those that do not). Raises ConfigError if none exist."""
+    kept = [s for s in samples if os.path.isfile(s.path)]
+    missing = [s.path for s in samples if not os.path.isfile(s.path)]
+    if samples and not kept:
+        raise ConfigError(f"none of the {len(samples)} training images exist on disk (first: '{missing[0]}'); "
+                          f"check data.train.root")
+    return kept, missing
+
+
+def one_class_warning(samples: list) -> str:
+    """A warning when the training set holds only one class (no defect or no normal images), else ''.
+    GRPO still runs, but the accuracy and focal rewards then never see the other answer."""
+    defects = sum(1 for s in samples if s.is_defect)
+    if samples and defects in (0, len(samples)):
+        missing = "defect" if defects == 0 else "normal"
+        return (f"warning: the training set holds no {missing} images ({len(samples)} images, all "
+                f"{'normal' if defects == 0 else 'defect'}): the model never sees a {missing} example; check "
+                f"data.train.root / split / categories")
+    return ""
+
+
+def _shown_path(path: str, root: str) -> str:
+    """`path` relative to the dataset root (category and split included), or whole if outside it."""
+    if root:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        if not rel.startswith(os.pardir):
+            return rel
+    return path
+
+
 def check_rollout_sampling(g) -> None:
     """The `grpo` sampling keys, checked before any model or data is loaded, naming the key at fault."""
     for key, ok, rule in (("temperature", g.temperature > 0, "> 0"), ("top_p", 0 < g.top_p <= 1, "in (0, 1]"),
@@ -292,16 +326,19 @@ class GRPOTrainer:
     def _sample(self, step: int, micro: int, batch: list, draw: int = 0) -> dict:
         """Sample and score G completions for each prompt of `batch` (no gradient). `draw` > 0: a dynamic-sampling
         redraw (its own generation seed)."""
-        from ppiad.data.images import load_image
         from ppiad.models.generation import generate
         from ppiad.rl.grpo import truncated_rows
         from ppiad.rl.rewards import compute_rewards
 
         cfg, g, proc = self.cfg, self.cfg.grpo, self.processor
         t0 = time.perf_counter()
-        images = [load_image(s.path, cfg.data.train.bit_depth) for s in batch]
-        refs = None if self.references is None else [
-            [load_image(p, cfg.data.train.bit_depth) for p in self.references.draw(s)] for s in batch]
+        batch = list(batch)
+        images, refs = [], None if self.references is None else []
+        for i in range(len(batch)):
+            batch[i], image, ref_images = self._load_or_replace(batch[i], (step, micro, draw, self.env.rank, i))
+            images.append(image)
+            if refs is not None:
+                refs.append(ref_images)
         inputs = proc.build_inputs(images, [s.object_name for s in batch], references=refs)
         seed = (derive_seed(cfg.seed, "rollout", step, micro, self.env.rank) if draw == 0 else
                 derive_seed(cfg.seed, "rollout-redraw", step, draw, micro, self.env.rank))
@@ -322,6 +359,41 @@ class GRPOTrainer:
                 "truncated": truncated_rows(res.sequences, res.completion_mask, g.max_new_tokens,
                                             proc.eos_token_ids),
                 "seconds_rollout": time.perf_counter() - t0}
+
+    def _load_or_replace(self, sample, where: tuple):
+        """(sample, image, reference images or None) for one prompt. A training image (or one of its k-shot
+        references) that fails to load is logged with its path, counted in `self.unreadable` and replaced by
+        another training image drawn from a seed of (cfg.seed, `where`, attempt): the same on every process and
+        after a resume, so batch shapes and resumed runs stay exact. Raises ConfigError after
+        _MAX_REPLACEMENTS failed draws in a row (a dataset mostly unreadable)."""
+        from PIL import Image
+
+        from ppiad.data.images import ImageLoadError, load_image
+
+        bit_depth = self.cfg.data.train.bit_depth
+        first = sample
+        for attempt in range(_MAX_REPLACEMENTS + 1):
+            if attempt:
+                seed = derive_seed(self.cfg.seed, "replace-unreadable", *where, attempt)
+                rng = np.random.default_rng(seed % (2 ** 63))
+                sample = self.samples[int(rng.integers(len(self.samples)))]
+            paths = [sample.path] + (list(self.references.draw(sample)) if self.references is not None else [])
+            loaded, bad = [], next((p for p in paths if p in self.unreadable), None)
+            for p in paths if bad is None else []:
+                try:
+                    loaded.append(load_image(p, bit_depth))
+                except (ImageLoadError, Image.DecompressionBombError) as exc:
+                    bad, self.unreadable[p] = p, str(exc)
+                    self.log.info(f"warning: unreadable training image '{p}' skipped ({exc}); "
+                                  f"{len(self.unreadable)} unreadable so far; its prompt is replaced by another "
+                                  f"training image")
+                    break
+            if bad is None:
+                if sample is not first:
+                    self.log.info(f"prompt '{first.path}' replaced by '{sample.path}'")
+                return sample, loaded[0], (loaded[1:] if self.references is not None else None)
+        raise ConfigError(f"{_MAX_REPLACEMENTS + 1} training images in a row failed to load (last: "
+                          f"'{bad}': {self.unreadable.get(bad)}); check data.train.root")
 
     def _select_groups(self, step: int) -> tuple[list, dict]:
         """The step's rollouts as micro-batches of `prompts_per_device` prompts, and the sampling stats.
@@ -585,7 +657,8 @@ class GRPOTrainer:
             raise ConfigError(f"config key 'train.max_bad_steps' must be >= 1, got {cfg.train.max_bad_steps}")
         self.skipped_steps, self.bad_streak = 0, 0
         seed_everything(cfg.seed)  # the same on every rank: identical LoRA initialisation
-        self.samples = self._load_samples()
+        self.samples, missing = _drop_missing(self._load_samples())
+        self.unreadable: dict[str, str] = {}   # path -> reason, for images that failed to decode when drawn
         from ppiad.data.references import build_reference_pool
 
         # k-shot prompts: each training image gets k normal references of its category (never itself)
@@ -644,11 +717,17 @@ class GRPOTrainer:
             self.best = BestKeeper(self.run_dir, cfg.train.save_best_metric) if cfg.train.save_best else None
         elif cfg.train.save_best:
             raise ConfigError("train.save_best needs train.eval_every > 0 (the evaluations pick the best)")
+        one_class = one_class_warning(self.samples)
+        if one_class:
+            self.log.info(one_class)
+        if missing:
+            self.log.info(f"warning: {len(missing)} training image(s) listed but missing on disk, left out of "
+                          f"training: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if resume:
             self._resume(resume)
         elif cfg.train.resume == "auto":
             self.log.info(f"train.resume=auto: no checkpoint in {self.run_dir}, starting from step 0")
-        first = [os.path.join(*s.path.split(os.sep)[-3:]) for s in self.plan.prompts(self.start_step)[:2]]
+        first = [_shown_path(s.path, cfg.data.train.root) for s in self.plan.prompts(self.start_step)[:2]]
         self.log.info(f"first prompts of this rank: {first}")
         if self.references is not None:
             self.log.info(f"k-shot prompts: {self.references.k} reference image(s) per prompt from "
@@ -777,7 +856,7 @@ class GRPOTrainer:
         cfg, k = self.cfg, self.cfg.grpo.num_iterations
         # a resumed run that has nothing left to do (already at train.max_steps) reports the checkpoint it holds
         last_saved, metrics, step, buffer = self.resumed_from, {}, self.start_step, None
-        stopped = False
+        stopped, stop_signal = False, ""
         with (self._stop if self._stop is not None else GracefulStop()) as stop:
             while step < self.total_steps:
                 t0 = time.perf_counter()
@@ -790,6 +869,7 @@ class GRPOTrainer:
                 step += 1
                 diverged = self._check_bad_step(step, upd)
                 metrics = {**roll_stats, **upd, "lr": lr, "skipped_steps": self.skipped_steps,
+                           "unreadable_images": len(self.unreadable),
                            "seconds_per_step": time.perf_counter() - t0}
                 metrics = distributed.all_reduce_mean(metrics, self.env)
                 if step % cfg.train.log_every == 0 or step == self.total_steps or diverged:
@@ -807,7 +887,7 @@ class GRPOTrainer:
                 if at_block_end and (step % cfg.train.save_every == 0 or step == self.total_steps or stop_now):
                     last_saved = self._save(step, metrics)
                 if stop_now and at_block_end:
-                    stopped = True
+                    stopped, stop_signal = True, getattr(stop, "signal_name", "")
                     self.log.info(f"stopped by {getattr(stop, 'signal_name', '') or 'request'} at step {step}")
                     break
         if step > self.start_step and (last_saved is None or not last_saved.endswith(ckpt.step_dir_name(step))):
@@ -816,7 +896,7 @@ class GRPOTrainer:
         self.log.info(f"done at step {step}; adapter sha256 {digest}; last checkpoint {last_saved}")
         self.log.close()
         return {"step": step, "run_dir": self.run_dir, "checkpoint": last_saved, "metrics": metrics,
-                "adapter_sha256": digest, "stopped": stopped, "rank": self.env.rank}
+                "adapter_sha256": digest, "stopped": stopped, "signal": stop_signal, "rank": self.env.rank}
 
 
 def answer_p_by_class(token_p, batch: list, group_size: int) -> dict:

@@ -93,10 +93,11 @@ def user_errors() -> Iterator[None]:
     from ppiad.data.registry import DatasetError
     from ppiad.models.processor import PromptTooLongError
     from ppiad.utils.identity import IdentityError
+    from ppiad.utils.io import MalformedFileError
 
     try:
         yield
     except (ConfigError, UsageError, ImageLoadError, DatasetError, FileNotFoundError, IdentityError,
-            PromptTooLongError) as exc:
+            PromptTooLongError, MalformedFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

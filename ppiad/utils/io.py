@@ -8,6 +8,17 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+class MalformedFileError(ValueError):
+    """A JSON / JSONL file the tools read back is malformed; the message names the file (and line)."""
+
+
+def _current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
@@ -15,6 +26,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_current_umask())   # mkstemp makes 0600; give the file the usual umask-derived mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -44,7 +56,8 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Read a JSONL file; a torn last line (from a kill mid-write) is ignored, other bad lines raise."""
+    """Read a JSONL file; a torn last line (from a kill mid-write) is ignored, other bad lines raise
+    MalformedFileError naming the file and line."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -58,14 +71,15 @@ def read_jsonl(path: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             if i >= len(lines) - 2:  # the last non-empty line may be torn
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON line: {exc}") from exc
+            raise MalformedFileError(f"{path}:{i + 1}: not a JSON line ({exc}); fix or delete that line "
+                                     f"(every other line is a finished record)") from None
     return records
 
 
 def read_json(path: str):
-    """Load a JSON file; a malformed one raises ValueError naming the file."""
+    """Load a JSON file; a malformed one raises MalformedFileError (a ValueError) naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"'{path}' is not valid JSON: {exc}") from None
+        raise MalformedFileError(f"'{path}' is not valid JSON: {exc}") from None
