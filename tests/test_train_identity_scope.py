@@ -74,9 +74,11 @@ def test_extend_refused_when_schedule_depends_on_total(base, schedule, why):
 
 
 def test_failed_start_does_not_bind_the_folder(base):
-    """identity.json of a start that never saved a checkpoint (e.g. lora.r=-4 crashing in setup) is replaced."""
+    """identity.json of a start that never saved a checkpoint (it crashed in setup, or was stopped before its
+    first checkpoint) is replaced by the next start's. (The review's example, lora.r=-4, is now refused when the
+    config loads; lora.r=8 stands for any start that died before a checkpoint.)"""
     tool = load_tool("train")
-    tool.check_run_identity(load_config(TINY, _opts(base, "neg") + ["lora.r=-4"]))
+    tool.check_run_identity(load_config(TINY, _opts(base, "neg") + ["lora.r=8"]))
     assert os.path.isfile(base / "out" / "neg" / "identity.json")
     tool.check_run_identity(load_config(TINY, _opts(base, "neg")))       # the corrected run starts
     with open(base / "out" / "neg" / "identity.json") as f:
