@@ -28,6 +28,24 @@ def test_published_sizes():
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_estimate_matches_a_measured_step(tmp_path, recompute):
+    """In a fresh process: the host allocator's peak counts whatever earlier tests of this process left
+    allocated (measured: +1.2 MB after the full suite, 24 % off), so the step is measured on its own."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"from tests.test_memory import measured_step_check; "
+            f"measured_step_check({str(tmp_path)!r}, {recompute!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def measured_step_check(tmp_path, recompute):
+    """Two GRPO steps of the tiny stand-in: held bytes equal the estimate, the step peak within 15 %."""
+    import pathlib
+
+    tmp_path = pathlib.Path(tmp_path)
     from paddle.base import core
 
     import ppiad.models.generation as generation
