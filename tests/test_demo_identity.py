@@ -56,6 +56,8 @@ def test_seed_1_does_not_reuse_seed_0_run(seed0, tmp_path):
     with pytest.raises(IdentityError, match=r"\(differing: grpo.beta\)"):
         check_outputs(_cfg(seed0, "grpo.beta=0.04"))
     check_outputs(_cfg(seed0, "train.save_every=7"))   # where and how often it saves is not part of it
+    # nor what only trades speed for memory or watches the run: the same set as a training run's identity
+    check_outputs(_cfg(seed0, "train.recompute=true", "train.eval_every=7", "model.attn_implementation=sdpa"))
     check_outputs(_cfg(seed0, "seed=1", *fresh, "run_name=demo_seed1"))   # all new: passes
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from ppiad.config import Config
 from ppiad.data.registry import build_dataset
 from ppiad.eval.metrics import false_alarm_rate
+from ppiad.rl.identity import NOT_IDENTITY
 from ppiad.utils.identity import IdentityError, check_identity, differing_keys, flat_settings, write_identity
 from ppiad.utils.io import atomic_write_json, read_json
 
@@ -37,8 +38,8 @@ def run_dir(cfg: Config) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # What made each output
 # ---------------------------------------------------------------------------------------------------------
-# Settings that do not change the demo's results: where outputs go, how often they are saved or logged.
-_NOT_IDENTITY = frozenset({"train.save_every", "train.log_every", "train.resume", "model.path", "model.adapter"})
+# Settings that do not change the demo's results are those that do not change a training run's
+# (ppiad.rl.identity.NOT_IDENTITY: where and how often outputs are saved, logged or evaluated, recompute, ...).
 RUN_IDENTITY = "demo_identity.json"   # beside tools/train.py's own identity.json in the run directory
 
 
@@ -78,7 +79,7 @@ def run_identity(cfg: Config) -> dict:
     model, LoRA, reward, GRPO and training setting (not where or how often things are saved or logged)."""
     ident = {**warmstart_identity(cfg), **data_identity(cfg, "eval")}
     for section in ("model", "lora", "rewards", "grpo", "train"):   # model.path: the warm start's settings say it
-        ident.update(flat_settings(cfg[section], section, _NOT_IDENTITY))
+        ident.update(flat_settings(cfg[section], section, NOT_IDENTITY))
     return ident
 
 
@@ -99,7 +100,7 @@ def check_outputs(cfg: Config) -> None:
 
     check_identity(run_dir(cfg), run_identity(cfg), "a demo run", "pass another run_name (or output_dir) or "
                    "delete that folder", has_results=os.path.isdir(os.path.join(run_dir(cfg), CHECKPOINTS)),
-                   filename=RUN_IDENTITY)
+                   filename=RUN_IDENTITY, ignore=NOT_IDENTITY)   # an older demo recorded some of them
 
 
 def prepare_data(cfg: Config, log: Callable = print) -> None:
