@@ -66,3 +66,45 @@ def test_base_model_mismatch_is_flagged(run, tmp_path):
     export_hf(other, run["latest"], str(tmp_path / "exp"), dtype="float32", log=logs.append)
     assert any(m.startswith("warning: ") and "another base model" in m for m in logs)
     os.remove(state)
+
+
+def test_every_tool_that_loads_an_adapter_warns_on_another_base(run, tmp_path, capsys):
+    """eval, infer and serve load through ModelPredictor.from_config: the warning lives there, once."""
+    from ppiad.config import load_config
+    from ppiad.eval.predictor import ModelPredictor
+    from ppiad.models.tiny import build_tiny_checkpoint
+    from ppiad.rl.checkpoint import TRAINER_STATE
+    from ppiad.utils.identity import model_fingerprint
+
+    state = os.path.join(run["step"], TRAINER_STATE)
+    with open(state, "w") as f:
+        json.dump({"step": 3, "base_model_fingerprint": model_fingerprint(run["ckpt"])}, f)
+    try:
+        for base, warned in ((run["ckpt"], False), (build_tiny_checkpoint(str(tmp_path / "other"), seed=1), True)):
+            cfg = load_config(None, [f"model.path={base}", f"model.adapter={run['latest']}"])
+            ModelPredictor.from_config(cfg)
+            err = capsys.readouterr().err
+            assert ("another base model" in err and run["step"] in err) == warned, err
+    finally:
+        os.remove(state)
+
+
+def test_serve_names_the_checkpoint_latest_points_at(run, capsys):
+    """/api/health and the start-up line say which step directory is served, not `checkpoints/latest`."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import load_tool
+    from tests.test_app_inspection import DarkIsDefect
+
+    with socket.socket() as s:   # a port free now (serve checks it can bind before the model loads)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = []
+    assert load_tool("serve").main(["--model", run["ckpt"], "--adapter", run["latest"], "--port", str(port)],
+                                   predictor_factory=lambda cfg: DarkIsDefect(),
+                                   serve=lambda app, host, port: served.append(app)) == 0
+    assert f"+ adapter {run['step']};" in capsys.readouterr().out
+    health = TestClient(served[0]).get("/api/health").json()
+    assert health["adapter"] == run["step"]

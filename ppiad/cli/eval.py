@@ -108,9 +108,6 @@ def run(args, cfg, predictor_factory) -> int:
     out_dir = args.output_dir or default_output_dir(cfg)
     identity = check_output_identity(cfg, out_dir)   # every rank, before anything is written
     rank, _ = dist_info()
-    mismatch = base_model_mismatch(cfg.model.adapter, model_path)   # loaded anyway, but never silently
-    if mismatch and rank == 0:
-        print(f"warning: {mismatch}", file=sys.stderr)
     predictor = predictor_factory(cfg)  # after the cheap checks: loading a 7B model takes a while
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -124,6 +121,7 @@ def run(args, cfg, predictor_factory) -> int:
             "partition": part.split, "categories": ", ".join(part.categories) or "all",
             "decoding": ("sampling, temperature %g" % cfg.eval.temperature) if cfg.eval.do_sample else "greedy",
             "max_new_tokens": cfg.eval.max_new_tokens, "identity": f"{digest(identity)} (identity.json)"}
+    mismatch = base_model_mismatch(cfg.model.adapter, model_path)   # printed by the loader, kept in the report
     if mismatch:
         meta["warning"] = mismatch
     # run_evaluation adds k ("reference images (k-shot)") and the reference pool to the meta

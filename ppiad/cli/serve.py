@@ -88,6 +88,7 @@ def main(argv=None, predictor_factory=None, serve=None) -> int:
         from ppiad.app.server import AppInfo, build_app
         from ppiad.config import require
         from ppiad.prompt import default_object
+        from ppiad.utils.identity import resolve_adapter
 
         cfg = config_from_args(args, default_model=True)
         require(cfg, "model.path", "the Qwen2-VL checkpoint folder to serve (or --model DIR)")
@@ -100,8 +101,8 @@ def main(argv=None, predictor_factory=None, serve=None) -> int:
             raise UsageError(f"--max_images must be positive, got {args.max_images}")
         try:
             threshold, source = default_threshold(args.metrics, cfg.eval.threshold)
-            info = AppInfo(model=cfg.model.path, adapter=cfg.model.adapter or None, threshold=threshold,
-                           threshold_source=source, object_names=cfg.data.object_names or {},
+            info = AppInfo(model=cfg.model.path, adapter=resolve_adapter(cfg.model.adapter) or None,
+                           threshold=threshold, threshold_source=source, object_names=cfg.data.object_names or {},
                            default_object=default_object(cfg.data.eval.categories, cfg.data.object_names),
                            folder_root=args.folder_root, max_images=args.max_images)
             t0 = time.perf_counter()

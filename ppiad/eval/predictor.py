@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
@@ -86,6 +87,12 @@ class ModelPredictor:
         adapter = cfg.model.adapter
         if adapter and not os.path.exists(adapter):
             raise ConfigError(f"model.adapter '{adapter}' does not exist")
+        from ppiad.utils.distributed import launched_world
+        from ppiad.utils.identity import base_model_mismatch
+
+        mismatch = base_model_mismatch(adapter, path)   # loaded anyway (eval, infer, serve), but never silently
+        if mismatch and launched_world()[0] == 0:
+            print(f"warning: {mismatch}", file=sys.stderr, flush=True)
 
         from ppiad.models import AutoModel, AutoProcessor
 
