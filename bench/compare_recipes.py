@@ -37,6 +37,8 @@ RECIPES = {
     "dr_grpo": ("Dr. GRPO (constant divisor, no std scaling)", ["grpo.loss_type=dr_grpo"]),
     "base_k2": ("today's recipe, 2 updates per rollout", ["grpo.num_iterations=2"]),
     "clip_higher_k2": ("clip-higher 0.28, 2 updates per rollout", ["grpo.num_iterations=2", "grpo.epsilon_high=0.28"]),
+    "sqrt_factors": ("today's recipe, milder class factors (sqrt of the inverse frequency)",
+                     ["rewards.focal.class_factors=sqrt_inverse"]),
     "dapo": ("dynamic sampling + clip-higher 0.28 + masked truncation, k = 2",
              ["grpo.dynamic_sampling=true", "grpo.epsilon_high=0.28", "grpo.mask_truncated_completions=true",
               "grpo.num_iterations=2"]),

@@ -347,7 +347,8 @@ def _read_yaml(path: str, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError(f"config file '{path}' includes itself through _base_")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: '{path}'")
+        shipped = ", ".join(sorted(f"configs/{n}" for n in os.listdir(SHIPPED_CONFIGS) if n.endswith(".yaml")))
+        raise ConfigError(f"config file not found: '{path}' (shipped with ppiad: {shipped})")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -414,11 +415,26 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return cfg
 
 
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def resolve_config_path(path: str) -> str:
+    """`path` itself when it is a file; else, for a relative `configs/<name>.yaml`, the config of that name
+    shipped inside the package (so `ppiad demo` and `-c configs/lriad_mvtec.yaml` work from any folder after
+    `pip install`); else `path` unchanged (the reader then names it as missing)."""
+    head, _, name = path.replace(os.sep, "/").partition("/")
+    if os.path.isfile(path) or os.path.isabs(path) or head != "configs" or "/" in name:
+        return path
+    shipped = os.path.join(SHIPPED_CONFIGS, name)
+    return shipped if os.path.isfile(shipped) else path
+
+
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then the YAML file (with its _base_ chain), then `key=value` overrides."""
+    """Defaults, then the YAML file (with its _base_ chain), then `key=value` overrides. A missing relative
+    `configs/<name>.yaml` is read from the configs shipped with ppiad (resolve_config_path)."""
     cfg = defaults()
     if path:
-        _merge(cfg, _read_yaml(path), SCHEMA)
+        _merge(cfg, _read_yaml(resolve_config_path(path)), SCHEMA)
     return apply_overrides(cfg, overrides)
 
 

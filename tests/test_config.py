@@ -117,3 +117,18 @@ def test_markdown_cli():
     out = subprocess.run([sys.executable, "-m", "ppiad.config", "--markdown"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert "| `model.path` |" in out
+
+
+def test_a_missing_configs_path_reads_the_shipped_config(tmp_path, monkeypatch):
+    """After `pip install`, `-c configs/lriad_mvtec.yaml` from any folder reads the config shipped with ppiad; a
+    local file of that name wins; an unknown name says which configs ship."""
+    from ppiad.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/lriad_mvtec.yaml").distributed.sharding == "stage3"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "lriad_mvtec.yaml").write_text("run_name: mine\n")
+    assert load_config("configs/lriad_mvtec.yaml").run_name == "mine"
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml' \(shipped with ppiad: "
+                                          r"configs/demo.yaml, configs/lriad_mvtec.yaml"):
+        load_config("configs/nope.yaml")

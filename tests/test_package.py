@@ -59,6 +59,10 @@ def test_pip_install_gives_the_ppiad_command(venv, editable):
         # The package data the processor needs is installed too.
         _run([str(py), "-c", "import importlib.resources as r; "
                              "assert r.files('ppiad.models').joinpath('chat_template.jinja').is_file()"], cwd=base)
+        # The configs ship too: `-c configs/<name>.yaml` works from a folder without configs/ (base has none).
+        out = _run([str(py), "-c", "from ppiad.config import load_config; "
+                                   "print(load_config('configs/demo.yaml').run_name)"], cwd=base).stdout
+        assert out.strip() == "demo" and not (base / "configs").exists()
         bad = subprocess.run([str(env_dir / "bin" / "ppiad"), "nonsense"], cwd=base, capture_output=True, text=True)
         assert bad.returncode == 2 and "unknown command 'nonsense'" in bad.stderr
     finally:
