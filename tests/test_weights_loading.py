@@ -125,3 +125,36 @@ def test_large_tensor_copied_in_parallel_bands_is_exact(tmp_path, transpose):
     dst = np.full(want.shape, np.nan, np.float32)
     st.source("x").copy_into(dst, transpose=transpose)
     np.testing.assert_array_equal(dst, want)
+
+
+def test_many_tensors_copied_together_are_exact_and_each_released_once(tmp_path, monkeypatch):
+    # copy_many runs the bands of all tensors on the pool; each tensor's file pages are dropped once, after
+    # its last band, never before (a band that reads released pages would still read the right bytes from
+    # the page cache, so count the calls instead)
+    rng = np.random.default_rng(2)
+    xs = {f"x{i}": rng.normal(size=shape).astype(np.float32)
+          for i, shape in enumerate([(2100, 2100), (5, 7), (1500, 3000), (64,)])}
+    path = str(tmp_path / "x.safetensors")
+    W.save_safetensors(path, xs, bf16_names=frozenset({"x0", "x2"}))
+    st = W.SafetensorsFile(path)
+    released = []
+    monkeypatch.setattr(st, "release", lambda name: released.append(name))
+    jobs, want = [], {}
+    for name, x in xs.items():
+        transpose = x.ndim == 2 and name != "x1"
+        want[name] = st.get(name).T if transpose else st.get(name)
+        jobs.append((st.source(name), np.full(want[name].shape, np.nan, np.float32), transpose))
+    W.copy_many(jobs)
+    for (source, dst, _), name in zip(jobs, xs):
+        np.testing.assert_array_equal(dst, want[name])
+    assert sorted(released) == sorted(xs)
+
+
+def test_copy_many_checks_every_destination_before_copying(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    W.save_safetensors(path, {"a": np.ones((3, 4), np.float32), "b": np.ones((2, 2), np.float32)})
+    st = W.SafetensorsFile(path)
+    first = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="'b' has shape"):
+        W.copy_many([(st.source("a"), first, False), (st.source("b"), np.zeros((3, 3), np.float32), False)])
+    assert not first.any()  # nothing was written: the bad job was found first

@@ -751,6 +751,7 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
         linear = self.linear_weight_names()
         tied = self.config.tie_word_embeddings
         seen, unexpected, mismatched = set(), [], []
+        copies = []  # (source, parameter memory, transpose): run together on every core below
         for name, arr in tensors:
             name = _legacy_name(name)
             if name not in params:
@@ -768,13 +769,15 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                 continue
             view = W.cpu_float32_view(target) if isinstance(arr, W.TensorSource) else None
             if view is not None:  # straight from the file into the parameter's memory
-                arr.copy_into(view, transpose=transpose)
+                copies.append((arr, view, transpose))
             else:
                 arr = arr.numpy() if isinstance(arr, W.TensorSource) else arr
                 arr = arr.T if transpose else arr
                 target.set_value(paddle.to_tensor(np.ascontiguousarray(arr), dtype="float32").astype(target.dtype))
             seen.add(name)
         missing = sorted(set(params) - seen)
+        if not (missing or unexpected or mismatched):
+            W.copy_many(copies)
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")

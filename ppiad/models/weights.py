@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from typing import Iterator, Union
 
 import numpy as np
@@ -136,7 +137,12 @@ class TensorSource:
 
     def copy_into(self, dst: np.ndarray, transpose: bool = False) -> None:
         """Write the tensor as float32 into `dst` (a float32 array, e.g. a parameter's memory; shape = the
-        tensor's shape, reversed when `transpose` is set for a 2-D tensor). No full-size temporary is made."""
+        tensor's shape, reversed when `transpose` is set for a 2-D tensor). No full-size temporary is made.
+        Raises TypeError for a non-float32 `dst`, ValueError for a shape that does not fit."""
+        copy_many([(self, dst, transpose)])
+
+    def _bands(self, dst: np.ndarray, transpose: bool) -> list:
+        """Checks `dst`; returns the copy as tasks, each a () -> None over a band of destination rows."""
         if dst.dtype != np.float32:
             raise TypeError(f"copy_into: destination must be float32, got {dst.dtype}")
         raw = self.file.raw(self.name)
@@ -144,26 +150,51 @@ class TensorSource:
             raw = raw.T
         if tuple(raw.shape) != tuple(dst.shape):
             raise ValueError(f"copy_into: '{self.name}' has shape {raw.shape}, destination {dst.shape}")
+        fn = _copy
         if self.dtype == "BF16":
-            _in_bands(_copy_bf16, dst.view(np.uint32), raw)
-        else:
-            _in_bands(_copy, dst, raw)   # float32 as is, float16 etc. converted by numpy's assignment
-        self.file.release(self.name)
+            fn, dst = _copy_bf16, dst.view(np.uint32)
+        if dst.ndim == 0 or dst.shape[0] <= BAND_ROWS or dst.size < (1 << 22):
+            return [lambda: fn(dst, raw)]
+        return [lambda i=i: fn(dst[i:i + BAND_ROWS], raw[i:i + BAND_ROWS])
+                for i in range(0, dst.shape[0], BAND_ROWS)]
 
 
 TILE = 256  # rows/columns per block of a transposed copy: a 256 x 256 tile of both arrays stays in cache
-
-
-BAND_ROWS = 1024  # rows of the destination per task when a copy is split over threads
+BAND_ROWS = 1024  # rows of the destination per task when a large tensor's copy is split over threads
 _POOL = None
 
 
-def _in_bands(fn, dst: np.ndarray, src: np.ndarray) -> None:
-    """fn(dst[rows], src[rows]) over bands of rows, on a thread pool of the CPU-thread count (numpy's copy
-    and conversion loops release the GIL, so the bands run in parallel). Small tensors run inline."""
+def copy_many(jobs) -> None:
+    """`source.copy_into(dst, transpose)` for every (TensorSource, dst, transpose) in `jobs`, on a thread pool
+    of the CPU-thread count. The tensors' bands are queued in order and each tensor's file pages are dropped
+    from the process when its last band is done, so only the few tensors in flight have file pages mapped.
+
+    Why threads across tensors and not only within large ones: most of loading a model is first-touch page
+    faults of the new parameter memory (Qwen2-VL-2B: 2.2 M faults of 4 KiB, ~5 s of kernel time on the 2-core
+    VM of docs/performance.md) and the bf16 widening; numpy's copy loops release the GIL, so both spread over
+    the cores. Every destination is checked (TypeError / ValueError as `copy_into`) before anything is copied.
+    """
     global _POOL
-    if dst.ndim == 0 or dst.shape[0] <= BAND_ROWS or dst.size < (1 << 22):
-        fn(dst, src)
+    tasks, remaining = [], {}
+    for source, dst, transpose in jobs:
+        bands = source._bands(dst, transpose)
+        remaining[id(source)] = [len(bands), source]
+        tasks += [(band, id(source)) for band in bands]
+    lock = threading.Lock()
+
+    def run(task):
+        band, key = task
+        band()
+        with lock:
+            entry = remaining[key]
+            entry[0] -= 1
+            last = entry[0] == 0
+        if last:
+            entry[1].file.release(entry[1].name)
+
+    if len(tasks) <= 1:
+        for task in tasks:
+            run(task)
         return
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -171,8 +202,7 @@ def _in_bands(fn, dst: np.ndarray, src: np.ndarray) -> None:
         from ppiad.utils.threads import resolve
 
         _POOL = ThreadPoolExecutor(max(1, resolve()[0]), thread_name_prefix="ppiad-load")
-    bands = range(0, dst.shape[0], BAND_ROWS)
-    for _ in _POOL.map(lambda i: fn(dst[i:i + BAND_ROWS], src[i:i + BAND_ROWS]), bands):
+    for _ in _POOL.map(run, tasks):
         pass
 
 
