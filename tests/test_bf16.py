@@ -40,11 +40,12 @@ def test_merging_a_small_update_into_bf16_weights_loses_much_of_it():
 def test_merge_adapter_refuses_bf16_weights():
     import paddle
 
+    from ppiad.models.linear import Linear
     from ppiad.models.lora import apply_lora, lora_layers, merge_adapter
 
     def tiny():
         attn = paddle.nn.Layer()
-        attn.q_proj = paddle.nn.Linear(8, 8)
+        attn.q_proj = Linear(8, 8)
         block = paddle.nn.Layer()
         block.self_attn = attn
         inner = paddle.nn.Layer()

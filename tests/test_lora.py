@@ -6,6 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
+from ppiad.models.linear import Linear
 from ppiad.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapters_disabled, apply_lora, lora_layers,
                                lora_parameters, load_adapter, merge_adapter, save_adapter)
 
@@ -13,10 +14,10 @@ from ppiad.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapters_disable
 class _Attn(paddle.nn.Layer):
     def __init__(self, d):
         super().__init__()
-        self.q_proj = paddle.nn.Linear(d, d)
-        self.k_proj = paddle.nn.Linear(d, d)
-        self.v_proj = paddle.nn.Linear(d, d)
-        self.o_proj = paddle.nn.Linear(d, d, bias_attr=False)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.o_proj = Linear(d, d, bias_attr=False)
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -47,8 +48,8 @@ class _Decoder(paddle.nn.Layer):
 class _VisionAttn(paddle.nn.Layer):
     def __init__(self, d):
         super().__init__()
-        self.qkv = paddle.nn.Linear(d, 3 * d)
-        self.q_proj = paddle.nn.Linear(d, d)  # a decoy: same short name, but in the vision tower
+        self.qkv = Linear(d, 3 * d)
+        self.q_proj = Linear(d, d)  # a decoy: same short name, but in the vision tower
 
 
 class _Vision(paddle.nn.Layer):
@@ -66,7 +67,7 @@ class ToyVL(paddle.nn.Layer):
         self.visual = _Vision(d)
         self.embed = paddle.nn.Embedding(vocab, d)
         self.model = _Decoder(d, n)
-        self.lm_head = paddle.nn.Linear(d, vocab, bias_attr=False)
+        self.lm_head = Linear(d, vocab, bias_attr=False)
 
     def forward(self, ids):
         return self.lm_head(self.model(self.embed(ids)))
@@ -95,7 +96,7 @@ def test_only_decoder_q_v_adapters_are_trainable():
     trainable = sorted(n for n, p in m.named_parameters() if not p.stop_gradient)
     assert trainable == sorted(f"{n}.lora_{x}" for n in names for x in "AB")
     assert len(lora_parameters(m)) == 8
-    assert type(m.visual.blocks[0].attn.q_proj) is paddle.nn.Linear  # vision tower untouched
+    assert type(m.visual.blocks[0].attn.q_proj) is Linear  # vision tower untouched
 
 
 def test_zero_b_leaves_output_unchanged_and_disabled_equals_base():

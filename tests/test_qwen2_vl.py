@@ -122,7 +122,9 @@ def test_missing_and_unexpected_keys_are_listed(saved, tmp_path):
 def test_pdparams_need_opt_in(saved, tmp_path):
     model, d = saved
     # a Paddle-format checkpoint as PaddleMIX publishes: linears already [in, out]; its lm_head an nn.Linear
-    state = {n: p for n, p in model.state_dict().items()}
+    linear = model.linear_weight_names()
+    state = {n: paddle.to_tensor(p.numpy().T) if n in linear else p for n, p in model.state_dict().items()}
+    assert any(model.state_dict()[n].shape[0] == model.state_dict()[n].shape[1] for n in linear)  # square too
     state["lm_head.weight"] = paddle.to_tensor(state["lm_head.weight"].numpy().T)
     paddle.save(state, str(tmp_path / W.PADDLE_WEIGHTS))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())

@@ -118,7 +118,6 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
         f" in {time.perf_counter() - t0:.1f} s")
 
     params = model.state_dict()
-    linear = model.linear_weight_names()
     itemsize = 2 if dtype == "bfloat16" else 4
     floating = {n for n, p in params.items() if p.dtype in (paddle.float32, paddle.bfloat16, paddle.float16)}
     sizes = {n: int(np.prod(p.shape)) * (itemsize if n in floating else p.element_size()) for n, p in params.items()}
@@ -138,8 +137,7 @@ def export_hf(model_path: str, adapter: str | None, out_dir: str, dtype: str = "
             tensors = {}
             for name in names:  # only this shard is held as numpy arrays
                 p = params[name]
-                arr = p.numpy() if p.dtype != paddle.bfloat16 else p.astype("float32").numpy()
-                tensors[name] = np.ascontiguousarray(arr.T) if name in linear else arr
+                tensors[name] = p.numpy() if p.dtype != paddle.bfloat16 else p.astype("float32").numpy()
             W.save_safetensors(os.path.join(tmp, fname), tensors, bf16_names=bf16 & set(names))
             weight_map.update({n: fname for n in names})
             del tensors

@@ -1,11 +1,14 @@
-"""LoRA adapters on the decoder's attention projections, through paddleformers' peft.
+"""LoRA adapters (Hu et al. 2021) on the decoder's projections.
 
-`apply_lora` hands the model to `paddleformers.peft.LoRAModel`, which swaps every matching `nn.Linear` for
-a `LoRALinear` in place (sharing the frozen weight) and freezes everything except `lora_A` / `lora_B`.
-ppiad keeps using the original model object afterwards: parameter names stay those of the Hugging Face
-checkpoint (plus `.lora_A` / `.lora_B`), and `generate()` / the trainer need no wrapper. Everything after
-construction (switching adapters off, merging, saving) acts on the `LoRALinear` layers directly, because
-LoRAModel's own save/load loses `lora_B` (see docs/models.md).
+`apply_lora` swaps every matching `Linear` for a `LoRALinear` in place (sharing the frozen weight) and freezes
+everything except `lora_A` / `lora_B`. ppiad keeps using the original model object afterwards: parameter names
+stay those of the Hugging Face checkpoint (plus `.lora_A` / `.lora_B`), and `generate()` / the trainer need no
+wrapper.
+
+Why not paddleformers' `peft.LoRAModel` (used up to ppiad 0.x): its `LoRALinear` is Paddle's nn.Linear with
+the weight in [in, out], and ppiad's layers keep the checkpoint's [out, in] (ppiad.models.linear); its own
+save/load also lost `lora_B` (docs/models.md). The layer below computes what it computed, with the same
+initialisation (A Kaiming-uniform with a = sqrt(5), B zeros) and the same parameter names.
 
 Adapter file layout (`save_adapter`): a directory with
 - `adapter_model.safetensors`: for each adapted layer `<name>` (e.g. `model.layers.0.self_attn.q_proj`)
@@ -21,15 +24,18 @@ key) still load here. The layer output is `W x + (alpha / r) * B A x`, as in PEF
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
-from types import SimpleNamespace
 from typing import Iterator, Sequence
 
 import numpy as np
 import paddle
+from paddle import nn
+
+from ppiad.models.linear import Linear
 
 from ppiad.utils.io import atomic_path, atomic_write_json
 
@@ -38,10 +44,48 @@ ADAPTER_CONFIG = "adapter_config.json"
 _KEY_PREFIX = "base_model.model."
 
 
-def _lora_linear_cls():
-    from paddleformers.peft.lora.lora_layers import LoRALinear
+class LoRALinear(Linear):
+    """`Linear` plus a low-rank update: y = x W^T + b + (alpha / r) * (dropout(x) A) B.
 
-    return LoRALinear
+    Shapes: weight [out, in] and bias [out] are the replaced layer's own tensors (frozen); lora_A [in, r]
+    (Kaiming-uniform, a = sqrt(5), as PEFT), lora_B [r, out] (zeros, so the output starts unchanged), both in the
+    weight's dtype and trainable. Files store them transposed, as PEFT does (`save_adapter`).
+    `disable_lora` switches the update off (the reference policy); `merge()` folds it into the weight.
+    """
+
+    def __init__(self, base: Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+        nn.Layer.__init__(self)
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"lora.r must be a positive int, got {r!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else None
+        dtype = str(base.weight.dtype).replace("paddle.", "")
+        self.lora_A = self.create_parameter(
+            [self.in_features, r], dtype=dtype,
+            default_initializer=nn.initializer.KaimingUniform(negative_slope=math.sqrt(5), nonlinearity="leaky_relu"))
+        self.lora_B = self.create_parameter([r, self.out_features], dtype=dtype,
+                                            default_initializer=nn.initializer.Constant(0.0))
+        self.merged = False
+        self.disable_lora = False
+        self.train() if base.training else self.eval()  # the model's mode, as the layer it replaces
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = super().forward(x)
+        if self.disable_lora or self.merged:
+            return y
+        h = x if self.lora_dropout is None else self.lora_dropout(x)
+        return y + (h @ self.lora_A @ self.lora_B) * self.scaling
+
+    def merge(self) -> None:
+        """W += (alpha / r) (A B)^T, once."""
+        if not self.merged:
+            self.weight.set_value(self.weight + (self.lora_A @ self.lora_B * self.scaling).T)
+            self.merged = True
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}"
 
 
 def target_regexes(target_modules: Sequence[str]) -> list[str]:
@@ -59,16 +103,13 @@ def target_regexes(target_modules: Sequence[str]) -> list[str]:
 
 def lora_layers(model: paddle.nn.Layer) -> "OrderedDict[str, paddle.nn.Layer]":
     """Name -> LoRALinear for every adapted layer, in model order."""
-    cls = _lora_linear_cls()
-    return OrderedDict((n, l) for n, l in model.named_sublayers() if isinstance(l, cls))
+    return OrderedDict((n, l) for n, l in model.named_sublayers() if isinstance(l, LoRALinear))
 
 
 def apply_lora(model: paddle.nn.Layer, r: int, alpha: float, dropout: float,
                target_modules: Sequence[str] | str = ("q_proj", "v_proj")) -> paddle.nn.Layer:
     """Add LoRA adapters (B = 0, so the output is unchanged) and freeze all other weights. In place;
     returns `model` for convenience."""
-    from paddleformers.peft import LoRAConfig, LoRAModel
-
     if isinstance(target_modules, str):  # PEFT's form: one regex over full layer names
         target_modules = [target_modules]
     if lora_layers(model):
@@ -78,23 +119,22 @@ def apply_lora(model: paddle.nn.Layer, r: int, alpha: float, dropout: float,
     if not target_modules:
         raise ValueError("lora.target_modules is empty")
     regexes = target_regexes(target_modules)
-    if not any(re.fullmatch(rx, n) for n, _ in model.named_sublayers() for rx in regexes):
+    matched = [(n, l) for n, l in model.named_sublayers() if any(re.fullmatch(rx, n) for rx in regexes)]
+    if not matched:
         raise ValueError(f"lora.target_modules {list(target_modules)} match no layer named "
                          f"model.layers.<i>.self_attn|mlp.<target> in {type(model).__name__}")
-    # LoRAModel reads model.config.tensor_model_parallel_size; our config class does not define it.
-    config = getattr(model, "config", None)
-    added_config = config is None
-    if added_config:
-        config = SimpleNamespace()
-        object.__setattr__(model, "config", config)
-    if getattr(config, "tensor_model_parallel_size", None) is None:
-        setattr(config, "tensor_model_parallel_size", 1)
-    dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("weight"))
-    lora_cfg = LoRAConfig(target_modules=regexes, r=r, lora_alpha=alpha, lora_dropout=float(dropout),
-                          tensor_model_parallel_size=1, dtype=str(dtype).replace("paddle.", ""))
-    LoRAModel(model, lora_cfg)  # replaces layers inside `model` and marks only lora_A/lora_B trainable
-    if added_config:
-        object.__delattr__(model, "config")
+    wrong = [f"{n} ({type(l).__name__})" for n, l in matched if not isinstance(l, Linear)]
+    if wrong:
+        raise TypeError(f"lora.target_modules match layers that are not ppiad.models.linear.Linear: "
+                        f"{_short(wrong)}")
+    for name, layer in matched:
+        parent = model
+        *path, last = name.split(".")
+        for part in path:
+            parent = getattr(parent, part)
+        setattr(parent, last, LoRALinear(layer, r, alpha, float(dropout)))
+    for name, param in model.named_parameters():  # only the adapters train
+        param.stop_gradient = not name.endswith((".lora_A", ".lora_B"))
     # Plain attribute (not a sublayer): what save_adapter writes into adapter_config.json.
     object.__setattr__(model, "_ppiad_lora", {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
                                               "target_modules": list(target_modules)})
@@ -155,11 +195,7 @@ def merge_adapter(model: paddle.nn.Layer) -> paddle.nn.Layer:
         *path, last = name.split(".")
         for part in path:
             parent = getattr(parent, part)
-        plain = paddle.nn.Linear(layer.weight.shape[0], layer.weight.shape[1],
-                                 bias_attr=False if layer.bias is None else None)
-        plain.weight = layer.weight
-        if layer.bias is not None:
-            plain.bias = layer.bias
+        plain = Linear.sharing(layer.weight, layer.bias)
         plain.training = layer.training
         setattr(parent, last, plain)
     object.__setattr__(model, "_ppiad_lora_merged", True)

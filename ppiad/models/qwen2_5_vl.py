@@ -31,6 +31,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ppiad.models.linear import Linear
 from ppiad.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLConfig, Qwen2VLForConditionalGeneration, RMSNorm,
                                    VisionAttention, _as_numpy_int, vision_rotary_cos_sin, vision_rotary_freqs,
                                    vision_rotary_tables)
@@ -100,9 +101,9 @@ class VisionSwiGLU(nn.Layer):
         super().__init__()
         if act != "silu":
             raise ValueError(f"unsupported Qwen2.5-VL vision hidden_act {act!r} (expected 'silu')")
-        self.gate_proj = nn.Linear(dim, hidden)
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
+        self.gate_proj = Linear(dim, hidden)
+        self.up_proj = Linear(dim, hidden)
+        self.down_proj = Linear(hidden, dim)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

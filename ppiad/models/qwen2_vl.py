@@ -4,9 +4,9 @@ The architecture follows transformers 4.51.3's `modeling_qwen2_vl.py` (the refer
 against); the code is our own. Parameter names equal the Hugging Face checkpoint's, so a
 `Qwen/Qwen2-VL-*-Instruct` directory loads without conversion.
 
-Weight layout: Paddle's nn.Linear stores its weight as [in, out], torch (and hence HF safetensors) as
-[out, in]. Every nn.Linear weight is transposed on load and back on save. The lm_head is not an nn.Linear
-here: it keeps HF's [vocab, hidden] layout so that tied embeddings can share one tensor.
+Weight layout: every dense layer is `ppiad.models.linear.Linear`, whose weight is [out, in] as in torch and
+the HF safetensors (Paddle's nn.Linear would keep [in, out]), so weights load and save without transposition.
+The lm_head keeps HF's [vocab, hidden] layout too, so tied embeddings share one tensor.
 
 Shapes used in comments: B batch, T new tokens, S = T_past + T keys, H heads, Hk key/value heads, D head dim.
 Precision: fp32 on CPU (tested). dtype="bfloat16" casts the weights and keeps RMSNorm, rotary and softmax in
@@ -27,6 +27,7 @@ import paddle.nn.functional as F
 
 from ppiad.models import weights as W
 from ppiad.models.kv_cache import StaticKVCache, _LayerView
+from ppiad.models.linear import Linear
 from ppiad.utils.io import atomic_write_json
 
 QWEN2_VL_MODEL_TYPE = "qwen2_vl"
@@ -229,13 +230,16 @@ def _rotate(x, cos, signed_sin):
     return x * cos + swapped * signed_sin
 
 
+VISION_SCORE_BLOCK_BYTES = 8 << 20  # scores of one block of query rows; 6-8 MB measured fastest (docs/performance.md)
+
+
 class VisionAttention(nn.Layer):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, cu_seqlens: list[int], cos, sin):  # x [N, E]; cos, sin: `vision_rotary_tables`
         n = x.shape[0]
@@ -246,12 +250,17 @@ class VisionAttention(nn.Layer):
         q = (_rotate(q.astype("float32"), cos, sin) * (1.0 / math.sqrt(self.head_dim))).astype(dtype)
         k = _rotate(k.astype("float32"), cos, sin).astype(dtype)
         outs = []
-        # Full attention within each image, none across images: one small attention per image
-        # (a loop over images, not tokens) instead of an N x N block-diagonal mask.
+        # Full attention within each image, none across images: one attention per image (a loop over
+        # images, not an N x N block-diagonal mask), computed for a block of query rows at a time so that
+        # the block's scores [H, rows, L] stay in the CPU's cache instead of a [H, L, L] tensor (240 MB for a
+        # 1,936-patch image) being written, softmaxed and read back from memory: 351 -> 187 ms per block's
+        # attention at 2 threads (docs/performance.md). Each row's result is the same computation.
         for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            scores = paddle.matmul(q[:, s:e], k[:, s:e], transpose_y=True)
-            probs = F.softmax(scores.astype("float32"), axis=-1).astype(dtype)
-            outs.append(paddle.matmul(probs, v[:, s:e]))
+            rows = max(1, VISION_SCORE_BLOCK_BYTES // (self.num_heads * (e - s) * 4))
+            for r in range(s, e, rows):
+                scores = paddle.matmul(q[:, r:min(r + rows, e)], k[:, s:e], transpose_y=True)
+                probs = F.softmax(scores.astype("float32"), axis=-1).astype(dtype)
+                outs.append(paddle.matmul(probs, v[:, s:e]))
         out = paddle.concat(outs, axis=1) if len(outs) > 1 else outs[0]  # [H, N, D]
         return self.proj(out.transpose([1, 0, 2]).reshape([n, -1]))
 
@@ -259,8 +268,8 @@ class VisionAttention(nn.Layer):
 class VisionMlp(nn.Layer):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.act = act
 
     def forward(self, x):
@@ -295,7 +304,7 @@ class PatchMerger(nn.Layer):
         self.hidden = context_dim * merge * merge
         self.ln_q = nn.LayerNorm(context_dim, epsilon=1e-6)
         # a LayerList so the names are mlp.0 / mlp.2 as in the checkpoint (mlp.1 is the parameter-free GELU)
-        self.mlp = nn.LayerList([nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, out_dim)])
+        self.mlp = nn.LayerList([Linear(self.hidden, self.hidden), nn.GELU(), Linear(self.hidden, out_dim)])
 
     def forward(self, x):
         x = self.ln_q(x).reshape([-1, self.hidden])
@@ -359,10 +368,10 @@ class Qwen2Attention(nn.Layer):
         super().__init__()
         self.num_heads, self.num_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv * self.head_dim)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias_attr=False)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias_attr=False)
         self.attn_implementation = "eager"   # or "sdpa": Qwen2VLForConditionalGeneration.set_attn_implementation
 
     def forward(self, x, cos, sin, allowed, past):
@@ -418,9 +427,9 @@ class Qwen2Attention(nn.Layer):
 class Qwen2MLP(nn.Layer):
     def __init__(self, cfg: Qwen2VLConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias_attr=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias_attr=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias_attr=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -733,17 +742,14 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
 
     # ---- weights -----------------------------------------------------------------------------------------
     def linear_weight_names(self) -> set[str]:
-        """Names of nn.Linear weights: stored [in, out] here, [out, in] in HF files."""
-        return {f"{prefix}.weight" for prefix, layer in self.named_sublayers() if isinstance(layer, nn.Linear)}
+        """Names of the `Linear` weights: [out, in] here and in HF files, [in, out] in Paddle-format (PaddleMIX)
+        .pdparams files, whose layers are Paddle's nn.Linear."""
+        return {f"{prefix}.weight" for prefix, layer in self.named_sublayers() if isinstance(layer, Linear)}
 
     def hf_state_dict(self) -> dict[str, np.ndarray]:
-        """name -> numpy array in HF layout (linears transposed), float32."""
-        linear = self.linear_weight_names()
-        out = {}
-        for name, p in self.state_dict().items():
-            arr = p.astype("float32").numpy() if p.dtype != paddle.float32 else p.numpy()
-            out[name] = np.ascontiguousarray(arr.T) if name in linear else arr
-        return out
+        """name -> float32 numpy array, in HF layout (which is this model's own)."""
+        return {name: (p.astype("float32") if p.dtype != paddle.float32 else p).numpy()
+                for name, p in self.state_dict().items()}
 
     def load_hf_tensors(self, tensors, layout: str = "hf", source: str = "checkpoint") -> None:
         """Assign (name, numpy array) pairs one by one; errors list missing / unexpected / mis-shaped keys."""
@@ -760,9 +766,9 @@ class Qwen2VLForConditionalGeneration(nn.Layer):
                 continue
             target = params[name]
             shape = tuple(arr.shape)
-            transpose = (layout == "hf" and name in linear) or (
-                layout == "paddle" and name == "lm_head.weight" and len(shape) == 2
-                and shape[::-1] == tuple(target.shape) and shape != tuple(target.shape))
+            # Only Paddle-format files need a transposition: their linears (and an untied lm_head) are [in, out]
+            transpose = layout == "paddle" and len(shape) == 2 and (
+                name in linear or (name == "lm_head.weight" and shape != tuple(target.shape)))
             if (shape[::-1] if transpose else shape) != tuple(target.shape):
                 mismatched.append(f"{name}: file {shape[::-1] if transpose else shape} vs model "
                                   f"{tuple(target.shape)}")

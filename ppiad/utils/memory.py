@@ -34,25 +34,25 @@ def parameter_shapes(mc) -> dict:
         b = f"visual.blocks.{i}."
         for n in ("norm1", "norm2"):
             shapes[b + n + ".weight"], shapes[b + n + ".bias"] = [e], [e]
-        shapes[b + "attn.qkv.weight"], shapes[b + "attn.qkv.bias"] = [e, 3 * e], [3 * e]
+        shapes[b + "attn.qkv.weight"], shapes[b + "attn.qkv.bias"] = [3 * e, e], [3 * e]
         shapes[b + "attn.proj.weight"], shapes[b + "attn.proj.bias"] = [e, e], [e]
-        shapes[b + "mlp.fc1.weight"], shapes[b + "mlp.fc1.bias"] = [e, hid], [hid]
-        shapes[b + "mlp.fc2.weight"], shapes[b + "mlp.fc2.bias"] = [hid, e], [e]
+        shapes[b + "mlp.fc1.weight"], shapes[b + "mlp.fc1.bias"] = [hid, e], [hid]
+        shapes[b + "mlp.fc2.weight"], shapes[b + "mlp.fc2.bias"] = [e, hid], [e]
     m = e * v.spatial_merge_size ** 2
     shapes["visual.merger.ln_q.weight"], shapes["visual.merger.ln_q.bias"] = [e], [e]
     shapes["visual.merger.mlp.0.weight"], shapes["visual.merger.mlp.0.bias"] = [m, m], [m]
-    shapes["visual.merger.mlp.2.weight"], shapes["visual.merger.mlp.2.bias"] = [m, v.hidden_size], [v.hidden_size]
+    shapes["visual.merger.mlp.2.weight"], shapes["visual.merger.mlp.2.bias"] = [v.hidden_size, m], [v.hidden_size]
     h, d = mc.hidden_size, mc.head_dim
     q, kv = mc.num_attention_heads * d, mc.num_key_value_heads * d
     shapes["model.embed_tokens.weight"] = [mc.vocab_size, h]
     for i in range(mc.num_hidden_layers):
         b = f"model.layers.{i}."
         for n, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            shapes[f"{b}self_attn.{n}.weight"], shapes[f"{b}self_attn.{n}.bias"] = [h, out], [out]
-        shapes[b + "self_attn.o_proj.weight"] = [q, h]
-        shapes[b + "mlp.gate_proj.weight"] = [h, mc.intermediate_size]
-        shapes[b + "mlp.up_proj.weight"] = [h, mc.intermediate_size]
-        shapes[b + "mlp.down_proj.weight"] = [mc.intermediate_size, h]
+            shapes[f"{b}self_attn.{n}.weight"], shapes[f"{b}self_attn.{n}.bias"] = [out, h], [out]
+        shapes[b + "self_attn.o_proj.weight"] = [h, q]
+        shapes[b + "mlp.gate_proj.weight"] = [mc.intermediate_size, h]
+        shapes[b + "mlp.up_proj.weight"] = [mc.intermediate_size, h]
+        shapes[b + "mlp.down_proj.weight"] = [h, mc.intermediate_size]
         shapes[b + "input_layernorm.weight"] = shapes[b + "post_attention_layernorm.weight"] = [h]
     shapes["model.norm.weight"] = [h]
     if not mc.tie_word_embeddings:
@@ -70,8 +70,8 @@ def lora_shapes(mc, r: int, target_modules) -> dict:
             for part in ("self_attn", "mlp"):
                 w = base.get(f"model.layers.{i}.{part}.{t}.weight")
                 if w is not None:
-                    out[f"model.layers.{i}.{part}.{t}.lora_A"] = [w[0], r]
-                    out[f"model.layers.{i}.{part}.{t}.lora_B"] = [r, w[1]]
+                    out[f"model.layers.{i}.{part}.{t}.lora_A"] = [w[1], r]  # weights are [out, in]
+                    out[f"model.layers.{i}.{part}.{t}.lora_B"] = [r, w[0]]
     return out
 
 
