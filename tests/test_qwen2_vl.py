@@ -286,3 +286,22 @@ def test_newer_transformers_key_names_load(saved, tmp_path):
     loaded = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path))
     inputs = batch()
     np.testing.assert_array_equal(logits(loaded, inputs), logits(model, inputs))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2 * 2 * 24 * 4 * 5])  # 1 query row a block; 5 rows (24 patches)
+def test_vision_attention_in_blocks_of_query_rows_equals_one_block(monkeypatch, block_bytes):
+    import ppiad.models.qwen2_vl as Q
+
+    model = tiny_model()
+    inputs = batch()
+    with paddle.no_grad():
+        whole = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"]).numpy()
+        monkeypatch.setattr(Q, "VISION_SCORE_BLOCK_BYTES", block_bytes)
+        calls = []
+        real = Q.F.softmax
+        monkeypatch.setattr(Q.F, "softmax", lambda x, **kw: calls.append(x.shape) or real(x, **kw))
+        blocked = model.get_image_embeds(inputs["pixel_values"], inputs["image_grid_thw"]).numpy()
+    rows = max(1, block_bytes // (2 * 24 * 4))
+    assert len(calls) == 2 * -(-24 // rows)  # 2 images of 24 patches, each in ceil(24 / rows) blocks
+    assert max(shape[1] for shape in calls) == rows
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)
