@@ -381,7 +381,12 @@ class Qwen2Attention(nn.Layer):
         q = self.q_proj(x).reshape([b, t, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
         k = self.k_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
         v = self.v_proj(x).reshape([b, t, self.num_kv, self.head_dim]).transpose([0, 2, 1, 3])
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # sin: signed (see vision_rotary_tables)
+        if t > 1:  # Paddle's CPU elementwise kernels are several times slower with a broadcast operand: repeat
+            # the tables over the heads (one 2B layer at 587 tokens: q's rotary 21.5 -> 8.3 ms; same values)
+            q = _rotate(q, *(tab.expand([b, self.num_heads, t, tab.shape[-1]]).contiguous() for tab in (cos, sin)))
+            k = _rotate(k, *(tab.expand([b, self.num_kv, t, tab.shape[-1]]).contiguous() for tab in (cos, sin)))
+        else:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # sin: signed (see vision_rotary_tables)
         if isinstance(past, _LayerView):  # preallocated cache: written in place, attention over the whole buffer
             k, v = past.write(k, v)
             present = past
