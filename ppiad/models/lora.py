@@ -5,7 +5,7 @@ everything except `lora_A` / `lora_B`. ppiad keeps using the original model obje
 stay those of the Hugging Face checkpoint (plus `.lora_A` / `.lora_B`), and `generate()` / the trainer need no
 wrapper.
 
-Why not paddleformers' `peft.LoRAModel` (used up to ppiad 0.x): its `LoRALinear` is Paddle's nn.Linear with
+Why not paddleformers' `peft.LoRAModel` (used until issue 15): its `LoRALinear` is Paddle's nn.Linear with
 the weight in [in, out], and ppiad's layers keep the checkpoint's [out, in] (ppiad.models.linear); its own
 save/load also lost `lora_B` (docs/models.md). The layer below computes what it computed, with the same
 initialisation (A Kaiming-uniform with a = sqrt(5), B zeros) and the same parameter names.
