@@ -8,7 +8,8 @@ wrapper.
 Why not paddleformers' `peft.LoRAModel` (used until issue 15): its `LoRALinear` is Paddle's nn.Linear with
 the weight in [in, out], and ppiad's layers keep the checkpoint's [out, in] (ppiad.models.linear); its own
 save/load also lost `lora_B` (docs/models.md). The layer below computes what it computed, with the same
-initialisation (A Kaiming-uniform with a = sqrt(5), B zeros) and the same parameter names.
+initialisation scheme (A Kaiming-uniform with a = sqrt(5), B zeros) and the same parameter names; for one seed
+A's values differ from paddleformers', which drew a throw-away weight first.
 
 Adapter file layout (`save_adapter`): a directory with
 - `adapter_model.safetensors`: for each adapted layer `<name>` (e.g. `model.layers.0.self_attn.q_proj`)
